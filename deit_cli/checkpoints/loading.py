@@ -1,0 +1,269 @@
+"""From a source (registry name, hub repo id, directory or file) to a loaded DeiT."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, InputNotFound, UsageError
+from ..model import DeiT, DeiTConfig, resample_pos_embed
+from ..variants import DEFAULT_MODEL, Preprocessing, Variant, find_variant, variant_for_config
+from . import layouts
+from .formats import SAFETENSORS, check_tensors, detect_format, find_state_dict, read_safetensors, read_torch
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+# Keys of our own safetensors metadata (`deit convert --to deit`).
+META_CONFIG, META_LABELS, META_SOURCE = "deit.config", "deit.labels", "deit.source"
+
+
+class DeiTWarning(UserWarning):
+    """Something the user should know that does not stop the work (the CLI prints it)."""
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read into the canonical layout, before a model is built from it."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: DeiTConfig
+    labels: list[str]
+    layout: str
+    source: str
+    path: Path
+    variant: Variant | None
+
+
+def resolve_source(source: str) -> tuple[Path, Path | None, Variant | None]:
+    """(weights file, config.json or None, registry variant or None) for a source."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return (*_files_in_dir(path), None)
+    if path.exists() or path.suffix.lower() in CHECKPOINT_SUFFIXES or source.startswith((".", "/", "~")):
+        if not path.exists():
+            raise InputNotFound(f"{source}: no such file")
+        return path, None, None
+    from . import hub
+
+    variant = find_variant(source)
+    if variant is not None:
+        revision = source.split("@", 1)[1] if "@" in source else None
+        files = hub.fetch_model_files(variant.hub_repo, revision)
+        return files.weights, files.config, variant
+    parsed = hub.parse_repo_id(source)
+    if parsed is None:
+        raise InputNotFound(
+            f"{source}: not a file, a directory, a registry name or a hub repo id",
+            "`deit models` lists the registry names",
+        )
+    files = hub.fetch_model_files(*parsed)
+    return files.weights, files.config, find_variant(parsed[0])
+
+
+def _files_in_dir(path: Path) -> tuple[Path, Path | None]:
+    config = path / "config.json"
+    config = config if config.is_file() else None
+    for name in WEIGHT_FILES:
+        if (path / name).is_file():
+            return path / name, config
+    found = sorted(p for p in path.iterdir() if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file())
+    if len(found) == 1:
+        return found[0], config
+    if not found:
+        raise InputNotFound(f"{path}: no model.safetensors or pytorch_model.bin in this directory")
+    raise UsageError(f"{path}: several checkpoints in this directory; name one of them")
+
+
+def read_checkpoint(source: str = DEFAULT_MODEL) -> Checkpoint:
+    """Read any source into the canonical layout, with its config and labels."""
+    weights, config_path, variant = resolve_source(source)
+    metadata: dict[str, str] = {}
+    if detect_format(weights) == SAFETENSORS:
+        sd, metadata = read_safetensors(weights)
+    else:
+        sd = find_state_dict(read_torch(weights), weights)
+    check_tensors(sd, weights)
+    try:
+        sd, layout = layouts.to_canonical(sd)
+    except CheckpointError as e:
+        raise CheckpointError(f"{weights}: {e.message}", e.hint) from None
+
+    hf_cfg = _read_json(config_path) if config_path else {}
+    if hf_cfg and hf_cfg.get("model_type") not in (None, "deit", "vit"):
+        raise CheckpointError(f"{config_path}: model_type {hf_cfg.get('model_type')!r} is not a DeiT or ViT")
+    if META_CONFIG in metadata:
+        try:
+            config = DeiTConfig.from_dict(json.loads(metadata[META_CONFIG]))
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{weights}: bad deit.config metadata ({e})") from None
+    else:
+        try:
+            hints = layouts.config_hints_from_hf(hf_cfg)
+            config = layouts.infer_config(sd, hints)
+        except CheckpointError as e:
+            raise CheckpointError(f"{weights}: {e.message}", e.hint) from None
+
+    labels = None
+    if META_LABELS in metadata:
+        labels = json.loads(metadata[META_LABELS])
+    labels = labels or layouts.hf_labels(hf_cfg, config.num_classes) or default_labels(config.num_classes)
+    if len(labels) != config.num_classes:
+        raise CheckpointError(f"{weights}: {len(labels)} labels for {config.num_classes} classes")
+    variant = variant or variant_for_config(
+        embed_dim=config.embed_dim, depth=config.depth, num_heads=config.num_heads,
+        distilled=config.distilled, image_size=config.image_size, patch_size=config.patch_size,
+    )  # fmt: skip
+    src = metadata.get(META_SOURCE) or source
+    return Checkpoint(sd, config, labels, layout, src, weights, variant)
+
+
+def build_model(ckpt: Checkpoint, *, image_size: int | None = None) -> DeiT:
+    """A DeiT holding the checkpoint's weights, loaded strictly."""
+    config, sd = ckpt.config, dict(ckpt.state_dict)
+    if image_size and image_size != config.image_size:
+        if image_size % config.patch_size:
+            raise UsageError(f"image size {image_size} is not a multiple of the patch size {config.patch_size}")
+        config = replace(config, image_size=image_size)
+        if "pos_embed" in sd:
+            sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], config.grid_size, config.num_prefix_tokens)
+    with torch.device("meta"):
+        model = DeiT(config)
+    _check_strict(model, sd, ckpt.path)
+    for k, v in sd.items():
+        if not torch.isfinite(v).all():
+            warnings.warn(f"{ckpt.path}: {k} contains NaN or infinite values", DeiTWarning, stacklevel=2)
+    model.load_state_dict({k: v.float() if v.dtype != torch.float32 else v for k, v in sd.items()}, assign=True)
+    model.eval().requires_grad_(False)
+    model.labels = list(ckpt.labels)
+    pre = ckpt.variant.preprocessing if ckpt.variant else Preprocessing(image_size=config.image_size)
+    model.preprocessing = replace(pre, image_size=config.image_size) if pre.image_size != config.image_size else pre
+    model.source = ckpt.source
+    model.variant = ckpt.variant
+    model.layout = ckpt.layout
+    return model
+
+
+def load_model(
+    source: str = DEFAULT_MODEL,
+    *,
+    image_size: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+) -> DeiT:
+    """Load a DeiT from a registry name or alias, a hub repo id (`org/name[@revision]`),
+    a local model directory, or a checkpoint file. Returns the model in eval mode with
+    `.config`, `.labels` and `.preprocessing` set."""
+    model = build_model(read_checkpoint(str(source)), image_size=image_size)
+    return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
+
+
+def random_model(source: str, *, image_size: int | None = None, seed: int = 0) -> DeiT:
+    """The architecture of a registry variant with seeded random weights (for bench)."""
+    variant = find_variant(source)
+    if variant is None:
+        raise InputNotFound(f"{source}: not a registry name; --random-init needs one", "`deit models` lists them")
+    kwargs = variant.config_kwargs()
+    if image_size:
+        kwargs["image_size"] = image_size
+    torch.manual_seed(seed)
+    model = DeiT(DeiTConfig(**kwargs))
+    model.init_weights(seed)
+    model.eval().requires_grad_(False)
+    model.labels = default_labels(1000)
+    model.preprocessing = replace(variant.preprocessing, image_size=model.config.image_size)
+    model.source, model.variant, model.layout = f"{variant.name} (random init)", variant, layouts.CANONICAL
+    return model
+
+
+def _check_strict(model: DeiT, sd: dict[str, torch.Tensor], path: Path) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shaped = [f"{k} {tuple(sd[k].shape)} (expected {expected[k]})" for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
+    problems = []
+    if missing:
+        problems.append("missing tensors: " + _few(missing))
+    if unexpected:
+        problems.append("unexpected tensors: " + _few(unexpected))
+    if shaped:
+        problems.append("mis-shaped tensors: " + _few(shaped))
+    if problems:
+        raise CheckpointError(f"{path}: " + "; ".join(problems))
+
+
+def _few(items: list[str], n: int = 4) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable config ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: config is not a JSON object")
+    return data
+
+
+@lru_cache(maxsize=None)
+def imagenet_classes() -> tuple[str, ...]:
+    return tuple(resources.files("deit_cli").joinpath("data/imagenet_classes.txt").read_text().splitlines())
+
+
+@lru_cache(maxsize=None)
+def imagenet_wnids() -> tuple[str, ...]:
+    return tuple(resources.files("deit_cli").joinpath("data/imagenet_wnids.txt").read_text().splitlines())
+
+
+def default_labels(num_classes: int) -> list[str]:
+    if num_classes == 1000:
+        return list(imagenet_classes())
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+}  # fmt: skip
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype.lower()]
+    except KeyError:
+        raise UsageError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16") from None
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} requested but CUDA is not available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("device 'mps' requested but MPS is not available here")
+    return dev
+

@@ -1,0 +1,111 @@
+"""Wiring: registers one module per command, and `main()`, which turns known errors into
+one line on stderr and an exit code (DESIGN.md). DEIT_DEBUG=1 shows tracebacks."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Annotated, Sequence
+
+import click
+import typer
+
+from .. import __version__
+from ..errors import EXIT_DATA, EXIT_INTERRUPTED, EXIT_IO, EXIT_USAGE, DeiTError
+from . import output
+
+app = typer.Typer(
+    name="deit",
+    help="Data-efficient Image Transformers (DeiT): classify, extract features, convert, benchmark, evaluate.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        output.write_line(f"deit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Data-efficient Image Transformers (DeiT) from the command line."""
+
+
+def _register() -> None:
+    # Each module holds one command; importing one must not import torch.
+    from . import convert, models
+
+    for module in (convert, models):
+        module.register(app)
+    for name in ("classify", "features", "bench", "evaluate"):
+        try:
+            module = __import__(f"deit_cli.cli.{name}", fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name != f"deit_cli.cli.{name}":
+                raise
+            continue
+        module.register(app)
+
+
+_register()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    output.warn(str(message))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `deit` console script."""
+    debug = bool(os.environ.get("DEIT_DEBUG"))
+    if not debug:
+        warnings.showwarning = _show_warning
+    command = typer.main.get_command(app)
+    try:
+        rc = command.main(args=list(argv) if argv is not None else None, prog_name="deit", standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        rc = e.exit_code
+    except click.exceptions.Abort:
+        output.error("interrupted")
+        rc = EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        output.error("interrupted")
+        rc = EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`| head -1`): stop quietly, and keep Python from
+        # complaining while it flushes a dead stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        rc = 0
+    except DeiTError as e:
+        if debug:
+            raise
+        output.error(e.one_line())
+        rc = e.exit_code
+    except MemoryError:
+        if debug:
+            raise
+        output.error("out of memory (try a smaller --batch-size)")
+        rc = EXIT_IO
+    except Exception as e:  # noqa: BLE001 - an unexpected failure is still one line
+        if debug:
+            raise
+        output.error(f"unexpected {type(e).__name__}: {e} (set DEIT_DEBUG=1 for the traceback)")
+        rc = EXIT_DATA if isinstance(e, (ValueError, RuntimeError)) else 1
+    if rc is None:
+        rc = 0
+    if not isinstance(rc, int):
+        rc = EXIT_USAGE
+    return rc
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""`deit convert SRC DST`: any checkpoint deit reads, to deit/timm/transformers files."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import output
+from .options import ForceOpt, JsonOpt
+
+
+def convert(
+    src: Annotated[str, typer.Argument(help="Checkpoint file, model directory, registry name or hub repo id.")],
+    dst: Annotated[Path, typer.Argument(help="Output file (--to deit/timm) or directory (--to hf).")],
+    to: Annotated[str, typer.Option("--to", help="deit (safetensors with config and labels), timm, or hf (a transformers directory).")] = "deit",
+    dtype: Annotated[str, typer.Option("--dtype", help="Stored precision: fp32, fp16 or bf16.")] = "fp32",
+    tolerance: Annotated[float | None, typer.Option("--tolerance", help="Largest allowed logit difference in the read-back check (default: by dtype).")] = None,
+    force: ForceOpt = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Convert a checkpoint, then read it back and check its logits against the source."""
+    from ..checkpoints.writing import convert as run_convert
+
+    result = run_convert(src, dst, to=to, dtype=dtype, force=force, tolerance=tolerance)
+    if json_ or not output.stdout_is_terminal():
+        output.write_json(asdict(result)) if json_ else output.write_line(str(dst))
+        if not json_:
+            output.info(f"checked: max logit difference {result.max_abs_diff:.3g} (tolerance {result.tolerance:.3g})")
+        return
+    from rich.panel import Panel
+
+    lines = [
+        f"[bold]{result.source}[/] ({result.layout_in}) → [bold]{result.destination}[/] ({result.to}, {result.dtype})",
+        f"parameters: {result.params:,}   size: {result.bytes / 2**20:.1f} MiB",
+        f"read back: max logit difference {result.max_abs_diff:.3g} ≤ tolerance {result.tolerance:.3g}",
+    ]
+    if result.to == "timm" and result.timm_name:
+        lines.append(f"timm: timm.create_model('{result.timm_name}', checkpoint_path='{result.destination}')")
+    if result.hf_architecture:
+        lines.append(f"transformers: {result.hf_architecture}.from_pretrained('{result.destination}')")
+    output.stdout_console().print(Panel("\n".join(lines), title="converted", title_align="left"))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("convert")(convert)

@@ -1,0 +1,238 @@
+"""DeiT: a ViT with an optional distillation token (Touvron et al., 2021).
+
+State-dict keys are the canonical layout, the names of the original release and timm.
+This module reads no files and prints nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEADS = ("avg", "cls", "dist")
+
+
+@dataclass(frozen=True)
+class DeiTConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 192
+    depth: int = 12
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    distilled: bool = True  # a distillation token after the class token
+    dist_head: bool = True  # distilled only: False for transformers' DeiTForImageClassification
+    num_classes: int = 1000  # 0 = headless: forward() returns pooled features
+    layer_norm_eps: float = 1e-6  # timm and the original release; transformers' configs say 1e-12
+    in_chans: int = 3
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 2 if self.distilled else 1
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def has_dist_head(self) -> bool:
+        return self.distilled and self.dist_head and self.num_classes > 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DeiTConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown DeiTConfig fields: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def macs_per_image(self) -> int:
+        """Multiply-accumulates of one forward pass (what published tables call FLOPs)."""
+        n, d, h = self.num_patches + self.num_prefix_tokens, self.embed_dim, self.mlp_dim
+        patch = self.num_patches * d * self.in_chans * self.patch_size**2
+        per_block = n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * h
+        heads = d * self.num_classes * (2 if self.has_dist_head else 1)
+        return patch + self.depth * per_block + heads
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)  # fused q, k, v
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as trained
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DeiTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.qkv_bias)
+        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
+        self.mlp = Mlp(cfg.embed_dim, cfg.mlp_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: DeiTConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, patches, D)
+
+
+class DeiT(nn.Module):
+    """A DeiT. `labels`, `preprocessing` and `source` are set by `load_model`."""
+
+    def __init__(self, config: DeiTConfig):
+        super().__init__()
+        self.config = cfg = config
+        d = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.distilled else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_prefix_tokens + cfg.num_patches, d))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.head = nn.Linear(d, cfg.num_classes) if cfg.num_classes > 0 else None
+        self.head_dist = nn.Linear(d, cfg.num_classes) if cfg.has_dist_head else None
+        self.labels: list[str] = [f"class_{i}" for i in range(cfg.num_classes)]
+        self.preprocessing = None  # a variants.Preprocessing
+        self.source: str | None = None
+        self.variant = None  # the registry's variants.Variant when the architecture is a released one
+        self.layout: str | None = None  # the layout the weights were read from
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Truncated-normal init as in the original release (used by --random-init)."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        for p in (self.pos_embed, self.cls_token, self.dist_token):
+            if p is not None:
+                p.copy_(_trunc_normal(p.shape, 0.02, g))
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(_trunc_normal(m.weight.shape, 0.02, g))
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv2d):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(_trunc_normal(m.weight.shape, 1 / math.sqrt(fan_in), g))
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> all tokens after the final norm (B, prefix + patches, D)."""
+        x = self.patch_embed(x)
+        B = x.shape[0]
+        prefix = [self.cls_token.expand(B, -1, -1)]
+        if self.dist_token is not None:
+            prefix.append(self.dist_token.expand(B, -1, -1))
+        x = torch.cat([*prefix, x], dim=1) + self.pos_embed  # (B, prefix + patches, D)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward_head(
+        self, tokens: torch.Tensor, head: str = "avg", pre_logits: bool = False
+    ) -> torch.Tensor:
+        """Tokens -> logits (or, with pre_logits or no classifier, the pooled features).
+
+        head "cls" uses the class token, "dist" the distillation token, "avg" the mean of
+        both (the paper's, timm's and transformers' inference for distilled models).
+        """
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
+        if head == "dist" and not self.config.distilled:
+            raise ValueError("head 'dist' needs a distilled model (this one has no distillation token)")
+        cls, dist = tokens[:, 0], tokens[:, 1] if self.config.distilled else None
+        if pre_logits or self.head is None:
+            if head == "cls" or dist is None:
+                return cls
+            return dist if head == "dist" else (cls + dist) / 2
+        if self.head_dist is None:  # no distillation classifier: the class head serves all
+            if head == "dist":
+                raise ValueError("head 'dist' needs a distillation classifier (this model has none)")
+            return self.head(cls)
+        if head == "cls":
+            return self.head(cls)
+        if head == "dist":
+            return self.head_dist(dist)
+        return (self.head(cls) + self.head_dist(dist)) / 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @property
+    def device(self) -> torch.device:
+        return self.pos_embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pos_embed.dtype
+
+
+def _trunc_normal(shape, std: float, generator) -> torch.Tensor:
+    t = torch.empty(shape)
+    nn.init.trunc_normal_(t, std=std, a=-2 * std, b=2 * std, generator=generator)
+    return t
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens: int) -> torch.Tensor:
+    """Resample (1, prefix + g*g, D) position embeddings to a new grid: bicubic with
+    antialiasing on the patch part, prefix (class/distillation) tokens kept, as timm does."""
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    old = int(math.isqrt(grid.shape[1]))
+    if old * old != grid.shape[1]:
+        raise ValueError(f"position embeddings of {grid.shape[1]} patches are not a square grid")
+    if old == new_grid:
+        return pos_embed
+    dtype = grid.dtype
+    grid = grid.float().reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", antialias=True)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1).to(dtype)  # (1, g'*g', D)
+    return torch.cat([prefix, grid], dim=1)
