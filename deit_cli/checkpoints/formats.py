@@ -10,6 +10,7 @@ import argparse
 import json
 import re
 import struct
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,12 +26,12 @@ MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 # Globals real DeiT checkpoints pickle besides tensors: the `args` of the original
 # training script and timm's train.py, and numpy scalars in mmengine's metadata.
 _SAFE_GLOBALS: list = [argparse.Namespace]
-try:  # numpy scalars (e.g. a best-accuracy float in mmengine's message hub)
+try:  # numpy scalars and dtypes (e.g. a best-accuracy float in mmengine's message hub)
     import numpy as _np
+    from numpy._core.multiarray import scalar as _np_scalar
 
-    _SAFE_GLOBALS += [_np.dtype, _np.core.multiarray.scalar] if hasattr(_np, "core") else []
-    _SAFE_GLOBALS += [type(_np.dtype("float64")), type(_np.dtype("float32")), type(_np.dtype("int64"))]
-except Exception:  # noqa: BLE001 - numpy is optional for reading
+    _SAFE_GLOBALS += [_np.dtype, _np_scalar, *(type(_np.dtype(t)) for t in ("float64", "float32", "int64"))]
+except ImportError:  # numpy < 2 or absent: such checkpoints are refused, naming the global
     pass
 
 _FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64}
@@ -106,14 +107,31 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 def read_torch(path: Path) -> object:
     """A torch.save() zip file, unpickled with weights_only=True and our allow-list only."""
     try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+        with torch.serialization.safe_globals(_SAFE_GLOBALS), warnings.catch_warnings():
+            # torch warns before failing on pickle protocol >= 3 files; the error says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - every failure here is a bad checkpoint
         msg = str(e)
         m = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"Unsupported (?:global|operand)[^\n]*?([\w.]+\.[\w]+)", msg)
         if m:
+            # torch drops the module of builtins from the name (`exec` for builtins.exec)
+            name = m.group(1) if "." in m.group(1) else f"builtins.{m.group(1)}"
             raise CheckpointError(
-                f"{path}: refused: the pickle needs {m.group(1)}, which is not allowed in a checkpoint",
+                f"{path}: refused: the pickle needs {name}, which is not allowed in a checkpoint",
+                "only tensors and plain data are read; this file may run code when loaded elsewhere",
+            ) from None
+        m = re.search(r"Unsupported operand (\d+)", msg)
+        if m:
+            raise CheckpointError(
+                f"{path}: refused: the pickle uses opcode {m.group(1)}, which the safe reader does not support",
+                "re-save it with torch.save()'s default pickle protocol, or convert it to safetensors",
+            ) from None
+        if "Weights only load failed" in msg:
+            # torch's own text suggests weights_only=False; keep only what went wrong
+            m = re.search(r"WeightsUnpickler error:\s*(.+)", msg)
+            raise CheckpointError(
+                f"{path}: refused: {_first_line(m.group(1)) if m else 'the pickle holds more than tensors'}",
                 "only tensors and plain data are read; this file may run code when loaded elsewhere",
             ) from None
         raise CheckpointError(f"{path}: unreadable torch checkpoint ({_first_line(e)})") from None

@@ -121,6 +121,20 @@ _HF_RULES = [
         (r"^distillation_classifier\.", "head_dist."),
     ]
 ]
+# transformers >= 5 names the same tensors differently in memory (its files keep the
+# names above); a state_dict() saved from such a model is read through this first.
+_HF5_TO_HF = [
+    (re.compile(p), r)
+    for p, r in [
+        (r"^layers\.(\d+)\.attention\.q_proj\.", r"encoder.layer.\1.attention.attention.query."),
+        (r"^layers\.(\d+)\.attention\.k_proj\.", r"encoder.layer.\1.attention.attention.key."),
+        (r"^layers\.(\d+)\.attention\.v_proj\.", r"encoder.layer.\1.attention.attention.value."),
+        (r"^layers\.(\d+)\.attention\.o_proj\.", r"encoder.layer.\1.attention.output.dense."),
+        (r"^layers\.(\d+)\.mlp\.fc1\.", r"encoder.layer.\1.intermediate.dense."),
+        (r"^layers\.(\d+)\.mlp\.fc2\.", r"encoder.layer.\1.output.dense."),
+        (r"^layers\.(\d+)\.(layernorm_before|layernorm_after)\.", r"encoder.layer.\1.\2."),
+    ]
+]
 _HF_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
 
 
@@ -130,6 +144,10 @@ def _from_hf(sd):
         if _HF_UNUSED.match(k):
             continue
         k = re.sub(r"^(deit|vit)\.", "", k)
+        for pattern, repl in _HF5_TO_HF:
+            k, n = pattern.subn(repl, k)
+            if n:
+                break
         m = _HF_QKV.match(k)
         if m:
             qkv.setdefault((int(m.group(1)), m.group(3)), {})[m.group(2)] = v
