@@ -8,7 +8,6 @@ import sys
 import warnings
 from typing import Annotated, Sequence
 
-import click
 import typer
 
 from .. import __version__
@@ -70,10 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
         rc = command.main(args=list(argv) if argv is not None else None, prog_name="deit", standalone_mode=False)
-    except click.ClickException as e:
-        e.show()
-        rc = e.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         output.error("interrupted")
         rc = EXIT_INTERRUPTED
     except KeyboardInterrupt:
@@ -96,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         output.error("out of memory (try a smaller --batch-size)")
         rc = EXIT_IO
     except Exception as e:  # noqa: BLE001 - an unexpected failure is still one line
+        if _is_usage_error(e):  # Typer's (vendored click) usage errors: bad flags or arguments
+            e.show()
+            return e.exit_code
         if debug:
             raise
         output.error(f"unexpected {type(e).__name__}: {e} (set DEIT_DEBUG=1 for the traceback)")
@@ -105,6 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not isinstance(rc, int):
         rc = EXIT_USAGE
     return rc
+
+
+def _is_usage_error(e: Exception) -> bool:
+    # Typer exposes no public class for these; they are the ClickExceptions it raises.
+    return callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int)
 
 
 def run() -> None:
