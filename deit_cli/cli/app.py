@@ -69,11 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
         rc = command.main(args=list(argv) if argv is not None else None, prog_name="deit", standalone_mode=False)
-    except typer.Abort:
-        output.error("interrupted")
-        rc = EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        output.error("interrupted")
+    except (typer.Abort, KeyboardInterrupt):
         rc = EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader went away (`| head -1`): stop quietly, and keep Python from
@@ -99,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         output.error(f"unexpected {type(e).__name__}: {e} (set DEIT_DEBUG=1 for the traceback)")
         rc = EXIT_DATA if isinstance(e, (ValueError, RuntimeError)) else 1
+    if rc == EXIT_INTERRUPTED and not debug:  # Typer turns Ctrl-C into Exit(130) silently
+        output.error("interrupted")
     if rc is None:
         rc = 0
     if not isinstance(rc, int):
