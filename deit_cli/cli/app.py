@@ -9,12 +9,21 @@ import warnings
 from typing import Annotated, Sequence
 
 import typer
+from typer.core import TyperGroup
 
 from .. import __version__
 from ..errors import EXIT_DATA, EXIT_INTERRUPTED, EXIT_IO, EXIT_USAGE, DeiTError
 from . import output
 
+class _Group(TyperGroup):
+    def invoke(self, ctx):
+        # `deit ... | head -1`: Typer turns EPIPE into exit 1 before main() could see it.
+        with output.reader_may_leave():
+            return super().invoke(ctx)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="deit",
     help="Data-efficient Image Transformers (DeiT): classify, extract features, convert, benchmark, evaluate.",
     no_args_is_help=True,
@@ -71,12 +80,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc = command.main(args=list(argv) if argv is not None else None, prog_name="deit", standalone_mode=False)
     except (typer.Abort, KeyboardInterrupt):
         rc = EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # The reader went away (`| head -1`): stop quietly, and keep Python from
-        # complaining while it flushes a dead stdout at exit.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        rc = 0
     except DeiTError as e:
         if debug:
             raise

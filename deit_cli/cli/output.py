@@ -7,7 +7,8 @@ import csv
 import json
 import os
 import sys
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 from rich.console import Console
 
@@ -53,6 +54,27 @@ def _fancy() -> bool:
 def _plain(text: str) -> None:
     sys.stderr.write(text + "\n")
     sys.stderr.flush()
+
+
+@contextmanager
+def reader_may_leave() -> Iterator[None]:
+    """`deit ... | head -1`: when the reader of stdout goes away, stop quietly, exit code 0.
+
+    Needed inside a command because click turns EPIPE into exit code 1 itself, before
+    main() sees a BrokenPipeError.
+    """
+    import typer
+
+    try:
+        yield
+    except BrokenPipeError:
+        # Point stdout at /dev/null so that flushing what is buffered, at exit, is silent.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        raise typer.Exit(0) from None
 
 
 def write_line(text: str) -> None:

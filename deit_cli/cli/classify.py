@@ -1,0 +1,217 @@
+"""`deit classify INPUTS...`: the top classes of each image, for people and for pipelines."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Callable, Iterable
+
+import typer
+
+from . import output
+from .inputs import (
+    AllowTruncatedOpt, BatchSizeOpt, CropPctOpt, InputsArg, NoExifOpt, NullOpt, ProgressBar, ResizeOpt, Tally,
+    WorkersOpt, image_options, load, prefetch, read_inputs, wants_progress,
+)  # fmt: skip
+from .options import DEFAULT_MODEL_NAME, DeviceOpt, DtypeOpt, ModelOpt, QuietOpt
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+    jsonl = "jsonl"
+    csv = "csv"
+    tsv = "tsv"
+
+
+class Head(str, Enum):
+    avg = "avg"
+    cls = "cls"
+    dist = "dist"
+
+
+class Scores(str, Enum):
+    prob = "prob"
+    logit = "logit"
+
+
+CSV_FIELDS = ["path", "rank", "index", "label", "score", "error"]
+FEW = 3  # up to this many images get a table each on a terminal; more get one compact table
+
+
+def classify(
+    inputs: InputsArg,
+    model: ModelOpt = DEFAULT_MODEL_NAME,
+    top: Annotated[int, typer.Option("--top", "-k", min=1, help="How many classes to report per image.")] = 5,
+    head: Annotated[
+        Head | None, typer.Option("--head", help="Distilled models: avg (default), cls or dist classifier.")
+    ] = None,
+    scores: Annotated[Scores, typer.Option("--scores", help="prob (softmax) or logit.")] = Scores.prob,
+    format_: Annotated[
+        Format | None,
+        typer.Option("--format", "-F", help="Output format (default: table on a terminal, jsonl otherwise)."),
+    ] = None,
+    batch_size: BatchSizeOpt = 32,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "fp32",
+    crop_pct: CropPctOpt = None,
+    resize: ResizeOpt = None,
+    no_exif: NoExifOpt = False,
+    allow_truncated: AllowTruncatedOpt = False,
+    null: NullOpt = False,
+    workers: WorkersOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Classify images: the top classes of each, with probabilities.
+
+    A table on a terminal; JSON lines (one record per image, streamed) when piped.
+    Exit code 0: all classified; 1: some inputs failed (each has an error record);
+    66: none could be read.
+    """
+    from .. import distributed, engine
+
+    fmt = (format_ or (Format.table if output.stdout_is_terminal() else Format.jsonl)).value
+    options = image_options(batch_size, workers, crop_pct, resize, no_exif, allow_truncated)
+    device = distributed.local_device(device)
+    show = wants_progress(quiet=quiet, stdout_streams=fmt != "table")
+    items = read_inputs(inputs, null_separated=null)  # checked now, read lazily
+    with distributed.init(device):
+        net = load(model)
+        items = prefetch(inputs, items, counted=show)
+        chosen_head = head.value if head else engine.default_head(net.config)
+        extra = {"model": str(net.source), "head": chosen_head}
+        with ProgressBar(show, "classifying", len(items) if isinstance(items, list) else None) as bar:
+            results = bar.wrap(engine.classify(net, items, top=top, head=chosen_head, scores=scores.value,
+                                               device=device, dtype=dtype, options=options))  # fmt: skip
+            if not distributed.is_distributed():
+                code = render(results, fmt, extra, scores.value, before_table=bar.stop)
+            else:
+                with distributed.merged_shards(results, _write_shard, _read_shard) as merged:
+                    bar.stop()
+                    # Rank 0 reports for every rank; the others are done once their shard is written.
+                    code = 0 if merged is None else render(_positioned(merged), fmt, extra, scores.value)
+    raise typer.Exit(code)
+
+
+def _positioned(results: Iterable) -> Iterable:
+    for pos, r in enumerate(results):
+        r.position = pos
+        yield r
+
+
+def _write_shard(results: Iterable, stem: Path) -> None:
+    with open(stem.with_suffix(".jsonl"), "w", encoding="utf-8") as f:
+        for r in results:
+            rec = r.to_record()
+            if r.ok:
+                rec["notes"] = r.notes
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def _read_shard(stem: Path) -> Iterable:
+    from ..engine import Classification
+
+    with open(stem.with_suffix(".jsonl"), encoding="utf-8") as f:
+        for line in f:
+            yield Classification.from_record(json.loads(line), -1)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def render(
+    results: Iterable, fmt: str, extra: dict[str, Any], scores: str, before_table: Callable[[], None] = lambda: None
+) -> int:
+    """Write `results` to stdout in `fmt`, each failure on stderr; returns the exit code."""
+    tally = Tally()
+    counted = _counting(results, tally)
+    if fmt == "jsonl":
+        for r in counted:
+            output.write_jsonl(r.to_record(**extra))
+    elif fmt == "json":
+        _write_json_array(r.to_record(**extra) for r in counted)
+    elif fmt in ("csv", "tsv"):
+        output.write_rows(_rows(counted), delimiter="," if fmt == "csv" else "\t", fieldnames=CSV_FIELDS)
+    else:
+        done = list(counted)
+        before_table()
+        _write_tables(done, scores)
+    return tally.exit_code()
+
+
+def _counting(results: Iterable, tally: Tally) -> Iterable:
+    for r in results:
+        tally.add(r)
+        yield r
+
+
+def _write_json_array(records: Iterable[dict]) -> None:
+    # Streamed, one record per line, so memory stays flat however many images.
+    out = sys.stdout
+    first = True
+    for rec in records:
+        out.write(("[\n  " if first else ",\n  ") + json.dumps(rec, ensure_ascii=False))
+        out.flush()
+        first = False
+    out.write("[]\n" if first else "\n]\n")
+    out.flush()
+
+
+def _rows(results: Iterable) -> Iterable[dict]:
+    for r in results:
+        if not r.ok:
+            yield {"path": r.path, "error": r.error}
+            continue
+        for p in r.predictions:
+            yield {"path": r.path, "rank": p.rank, "index": p.index, "label": p.label, "score": repr(p.score)}
+
+
+def _bar(p: float, width: int = 20) -> str:
+    eighths = round(max(0.0, min(1.0, p)) * width * 8)
+    return "█" * (eighths // 8) + ("", "▏", "▎", "▍", "▌", "▋", "▊", "▉")[eighths % 8]
+
+
+def _score(value: float, scores: str) -> str:
+    return f"{value * 100:.1f}%" if scores == "prob" else f"{value:.3f}"
+
+
+def _write_tables(results: list, scores: str) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = output.stdout_console()
+    good = [r for r in results if r.ok]
+    heading = "probability" if scores == "prob" else "logit"
+    if len(results) <= FEW:
+        for r in good:
+            table = Table(title=escape(r.path), title_justify="left", caption="; ".join(r.notes) or None,
+                          caption_justify="left")  # fmt: skip
+            table.add_column("#", justify="right")
+            table.add_column("label")
+            table.add_column(heading, justify="right")
+            if scores == "prob":
+                table.add_column("", style="cyan", no_wrap=True)
+            for p in r.predictions:
+                cells = [str(p.rank), escape(p.label), _score(p.score, scores)]
+                table.add_row(*cells, _bar(p.score)) if scores == "prob" else table.add_row(*cells)
+            console.print(table)
+        return
+    table = Table(title_justify="left")
+    table.add_column("image", overflow="fold")
+    table.add_column("label")
+    table.add_column(heading, justify="right")
+    table.add_column("next", style="dim")
+    for r in results:
+        if not r.ok:
+            table.add_row(escape(r.path), "[red]error[/]", "", f"[red]{escape(r.error)}[/]")
+            continue
+        best, rest = r.predictions[0], r.predictions[1:4]
+        others = ", ".join(f"{escape(p.label)} {_score(p.score, scores)}" for p in rest)
+        table.add_row(escape(r.path), escape(best.label), _score(best.score, scores), others)
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("classify")(classify)

@@ -1,0 +1,516 @@
+"""Evaluation on a labelled image set: finding the set, resolving its labels to the
+model's classes, running the model, and top-k metrics that merge across processes.
+
+A labelled set is either an image-folder tree (one subfolder per class, named by WordNet
+id, by class index or by the model's label; images anywhere below it) or a list file
+(CSV/TSV/whitespace `path,label`, the label a class index, WordNet id or label name).
+
+Images run through the engine's `classify`. Accuracy is over the images that were
+decoded: a failed image (unreadable, not an image, missing from disk, outside any class
+folder) is counted and listed in `failed`, never folded into the accuracy and never
+dropped silently. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import distributed
+from .checkpoints.loading import imagenet_wnids
+from .engine import ImageOptions, Prediction, classify
+from .errors import EXIT_DATA, DeiTError, InputNotFound, UsageError
+from .images import IMAGE_EXTENSIONS, InputItem, iter_inputs
+
+__all__ = [
+    "LABEL_KINDS",
+    "LabelError",
+    "ScannedSet",
+    "LabelledSet",
+    "ImageResult",
+    "EvalMetrics",
+    "parse_top",
+    "scan_set",
+    "read_label_list",
+    "resolve_classes",
+    "labelled_set",
+    "set_entries",
+    "iter_results",
+    "evaluate",
+]
+
+LABEL_KINDS = ("wnid", "index", "name")  # also the preference when several agree
+_WNID = re.compile(r"n\d{8}")
+_PATH_HEADERS = {"path", "file", "filename", "file_name", "filepath", "image", "image_path", "img", "relpath"}
+_LABEL_HEADERS = {"label", "labels", "class", "class_id", "class_index", "class_name", "target", "wnid",
+                  "synset", "category", "label_index", "index", "name"}  # fmt: skip
+
+
+class LabelError(DeiTError):
+    """Labels that cannot be matched to the model's classes, or a malformed list file."""
+
+    exit_code = EXIT_DATA
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+@dataclass
+class ScannedSet:
+    """A labelled set as found on disk, before its labels are matched to a model.
+
+    `entries` are (item, label text) in evaluation order; the label is None for an image
+    that has none (it will fail). `class_names` are every class named by the set, empty
+    class folders included.
+    """
+
+    source: str
+    layout: str  # "folders" or "list"
+    entries: list[tuple[InputItem, str | None]]
+    class_names: list[str]
+    empty_classes: list[str] = field(default_factory=list)
+    lines: dict[str, int] = field(default_factory=dict)  # list files: label -> first line
+
+
+@dataclass
+class LabelledSet:
+    """A set whose labels are the model's class indices. `targets[i]` is the class of
+    `items[i]` (-1 for an image with no label: it carries an error and fails)."""
+
+    source: str
+    layout: str
+    label_by: str  # wnid | index | name
+    items: list[InputItem]
+    targets: list[int]
+    classes: dict[str, int]  # class name as the set writes it -> class index
+    empty_classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def scan_set(spec: str | os.PathLike, *, labels_file: str | os.PathLike | None = None) -> ScannedSet:
+    """Find a labelled set: a folder tree, a list file, or (with `labels_file`) a list
+    whose paths are relative to the folder `spec`. Raises InputNotFound (66) when there
+    is nothing to evaluate."""
+    spec = os.fspath(spec)
+    if labels_file is not None:
+        if not os.path.isdir(spec):
+            raise UsageError(f"{spec}: with --labels, the set must be the folder the list's paths are relative to")
+        return _scan_list(os.fspath(labels_file), base=spec)
+    if os.path.isdir(spec):
+        return _scan_folders(spec)
+    if os.path.isfile(spec):
+        return _scan_list(spec, base=os.path.dirname(spec))
+    raise InputNotFound(f"{spec}: no such file or directory")
+
+
+def _scan_folders(root: str) -> ScannedSet:
+    try:
+        with os.scandir(root) as it:
+            found = sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise InputNotFound(f"{root}: cannot list directory ({e.strerror or e})") from None
+    class_dirs, loose = [], []
+    for entry in found:
+        if entry.name.startswith("."):
+            continue
+        try:
+            is_dir = entry.is_dir()  # a symlinked class folder counts (ImageNet setups use them)
+        except OSError:
+            is_dir = False
+        if is_dir:
+            class_dirs.append(entry)
+        elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+            loose.append(entry.path)
+    if not class_dirs:
+        raise InputNotFound(
+            f"{root}: no class folders (a labelled set is one subfolder per class)",
+            "for a flat folder of images, give its labels with --labels FILE",
+        )
+    entries: list[tuple[InputItem, str | None]] = []
+    empty = []
+    for d in class_dirs:
+        images = [item for item in iter_inputs([d.path]) if not (item.error and item.path == d.path)]
+        if not images:
+            empty.append(d.name)
+        entries.extend((item, d.name) for item in images)
+    for path in loose:
+        entries.append((InputItem(path, error=f"{path}: not inside a class folder, so it has no label"), None))
+    if not any(item.error is None for item, _ in entries):
+        raise InputNotFound(f"{root}: no images in any class folder")
+    return ScannedSet(root, "folders", entries, [d.name for d in class_dirs], empty)
+
+
+def read_label_list(path: str | os.PathLike) -> list[tuple[str, str, int]]:
+    """(path, label, line number) rows of a list file.
+
+    CSV (`.csv`), TSV (`.tsv`), or for any other name the first data line decides: a tab,
+    a comma, else whitespace (`path label`, the path may hold spaces). Blank lines and
+    `#` comments are skipped; a first line naming its columns (path/file/image and
+    label/class/target/wnid...) is a header, and then those columns are used.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise InputNotFound(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputNotFound(f"{path}: is a directory, not a list file") from None
+    except UnicodeDecodeError:
+        raise LabelError(f"{path}: not a UTF-8 text file (a list file is CSV/TSV `path,label`)") from None
+    except OSError as e:
+        raise InputNotFound(f"{path}: cannot read ({e.strerror or e})") from None
+
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1)
+             if line.strip() and not line.lstrip().startswith("#")]  # fmt: skip
+    if not lines:
+        return []
+    ext = os.path.splitext(path)[1].lower()
+    first = lines[0][1]
+    delimiter = {".csv": ",", ".tsv": "\t"}.get(ext) or ("\t" if "\t" in first else "," if "," in first else None)
+
+    def split(line: str) -> list[str]:
+        if delimiter is None:
+            return line.strip().rsplit(None, 1)
+        return next(csv.reader([line], delimiter=delimiter))
+
+    rows = [(n, [f.strip() for f in split(line)]) for n, line in lines]
+    path_col, label_col = 0, 1
+    head = [f.lower() for f in rows[0][1]]
+    if any(f in _PATH_HEADERS for f in head) or (len(head) > 1 and head[1] in _LABEL_HEADERS):
+        path_col = next((i for i, f in enumerate(head) if f in _PATH_HEADERS), 0)
+        label_col = next((i for i, f in enumerate(head) if f in _LABEL_HEADERS and i != path_col),
+                         1 if path_col == 0 else 0)  # fmt: skip
+        rows = rows[1:]
+    out = []
+    for n, fields in rows:
+        if len(fields) <= max(path_col, label_col) or not fields[path_col] or not fields[label_col]:
+            raise LabelError(f"{path}, line {n}: expected a path and a label", "one `path,label` per line")
+        out.append((fields[path_col], fields[label_col], n))
+    return out
+
+
+def _scan_list(list_path: str, *, base: str) -> ScannedSet:
+    rows = read_label_list(list_path)
+    if not rows:
+        raise InputNotFound(f"{list_path}: lists no images")
+    entries, first_line, names = [], {}, []
+    for rel, label, n in rows:
+        full = rel if os.path.isabs(rel) else os.path.join(base, rel)
+        entries.append((InputItem(full), label))
+        if label not in first_line:
+            first_line[label] = n
+            names.append(label)
+    return ScannedSet(list_path, "list", entries, names, [], first_line)
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def _candidates(names: Sequence[str], labels: Sequence[str]) -> dict[str, dict[str, int]]:
+    """For each kind, the names it resolves (name -> class index)."""
+    n = len(labels)
+    out: dict[str, dict[str, int]] = {k: {} for k in LABEL_KINDS}
+    wnids = {w: i for i, w in enumerate(imagenet_wnids())} if n == 1000 else {}
+    exact: dict[str, list[int]] = {}
+    folded: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        exact.setdefault(label, []).append(i)
+        folded.setdefault(label.casefold(), []).append(i)
+    for name in names:
+        if name in wnids:
+            out["wnid"][name] = wnids[name]
+        if name.isascii() and name.isdigit() and int(name) < n:
+            out["index"][name] = int(name)
+        hits = exact.get(name) or folded.get(name.casefold()) or []
+        if len(hits) == 1:
+            out["name"][name] = hits[0]
+    return out
+
+
+def _few(items: Iterable[str], n: int = 5) -> str:
+    items = list(items)
+    shown = ", ".join(repr(i) for i in items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+_KIND_WORDS = {"wnid": "WordNet ids", "index": "class indices", "name": "the model's labels"}
+
+
+def resolve_classes(
+    names: Sequence[str], labels: Sequence[str], *, label_by: str = "auto", what: str = "class folder",
+    where: Callable[[str], str] | None = None,
+) -> tuple[str, dict[str, int]]:  # fmt: skip
+    """Match class names from a set to the model's classes: (kind, name -> class index).
+
+    `label_by` "auto" picks the one kind (WordNet id, class index, label name) that
+    matches every name; several kinds that match with different classes are ambiguous.
+    Raises LabelError (exit 65) naming the names the model does not know.
+    """
+    if label_by not in ("auto", *LABEL_KINDS):
+        raise UsageError(f"--label-by must be auto, {', '.join(LABEL_KINDS)}; not {label_by!r}")
+    where = where or (lambda name: "")
+    n = len(labels)
+    found = _candidates(names, labels)
+    if label_by != "auto":
+        if label_by == "wnid" and n != 1000:
+            raise LabelError(f"WordNet ids name the 1000 ImageNet classes, but this model has {n} classes")
+        unknown = [x for x in names if x not in found[label_by]]
+        if unknown:
+            raise _unknown(unknown, label_by, labels, what, where, len(names))
+        return label_by, found[label_by]
+    complete = [k for k in LABEL_KINDS if len(found[k]) == len(names)]
+    if complete:
+        distinct = {tuple(sorted(found[k].items())) for k in complete}
+        if len(distinct) > 1:
+            example = next(x for x in names if len({found[k][x] for k in complete}) > 1)
+            readings = "; ".join(f"as {_KIND_WORDS[k]}: class {found[k][example]}" for k in complete)
+            raise LabelError(
+                f"{what} names are ambiguous: they read as {' and as '.join(_KIND_WORDS[k] for k in complete)}, "
+                f"with different classes ({example!r} {readings})",
+                f"say which with --label-by {'|'.join(complete)}",
+            )
+        return complete[0], found[complete[0]]
+    best = max(LABEL_KINDS, key=lambda k: len(found[k]))
+    if not found[best]:
+        looks_wnid = all(_WNID.fullmatch(x) for x in names)
+        if looks_wnid and n != 1000:
+            raise LabelError(
+                f"{what} names are WordNet ids, but this model has {n} classes, not the 1000 of ImageNet",
+                "name them by class index or by the model's labels",
+            )
+        raise LabelError(
+            f"{what} names match neither WordNet ids, class indices (0-{n - 1}) nor the model's labels: "
+            f"{_few(names)}",
+            f"the model's labels begin {_few(labels, 3)}",
+        )
+    unknown = [x for x in names if x not in found[best]]
+    raise _unknown(unknown, best, labels, what, where, len(names))
+
+
+def _unknown(unknown, kind, labels, what, where, total) -> LabelError:
+    n = len(labels)
+    shown = ", ".join(f"{x!r}{where(x)}" for x in unknown[:5]) + (
+        f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")  # fmt: skip
+    plural = "s are" if len(unknown) > 1 else " is"
+    matched = total - len(unknown)
+    known = {
+        "wnid": "it knows the 1000 ImageNet-1k WordNet ids",
+        "index": f"its class indices run from 0 to {n - 1}",
+        "name": f"its labels begin {_few(labels, 3)}",
+    }[kind]
+    context = f"the other {matched} matched as {_KIND_WORDS[kind]}; " if matched else ""
+    return LabelError(f"{len(unknown)} {what}{plural} not a class of this model: {shown}", context + known)
+
+
+def labelled_set(scanned: ScannedSet, labels: Sequence[str], *, label_by: str = "auto") -> LabelledSet:
+    """Resolve a scanned set's labels against the model's `labels`."""
+    what = "class folder" if scanned.layout == "folders" else "label"
+
+    def where(name: str) -> str:
+        line = scanned.lines.get(name)
+        return f" (line {line})" if line else ""
+
+    kind, mapping = resolve_classes(scanned.class_names, labels, label_by=label_by, what=what, where=where)
+    items = [item for item, _ in scanned.entries]
+    targets = [mapping[name] if name is not None else -1 for _, name in scanned.entries]
+    return LabelledSet(scanned.source, scanned.layout, kind, items, targets, mapping, list(scanned.empty_classes))
+
+
+# --------------------------------------------------------------------------- running
+
+
+def parse_top(spec: str | Sequence[int], num_classes: int | None = None) -> tuple[int, ...]:
+    """"1,5" -> (1, 5): sorted, unique, each at least 1 (and at most `num_classes`)."""
+    if isinstance(spec, str):
+        try:
+            ks = [int(p) for p in spec.replace(" ", "").split(",") if p]
+        except ValueError:
+            raise UsageError(f"--top must be a comma-separated list of integers, not {spec!r}") from None
+    else:
+        ks = list(spec)
+    if not ks or min(ks) < 1:
+        raise UsageError(f"--top needs positive integers, not {spec!r}")
+    if num_classes is not None and max(ks) > num_classes:
+        raise UsageError(f"--top {max(ks)} is more than the model's {num_classes} classes")
+    return tuple(sorted(set(ks)))
+
+
+@dataclass
+class ImageResult:
+    """One image of the set: its top classes (best first) and the rank of its true class
+    among them (1 = right at top-1; None = not among them), or why it failed."""
+
+    position: int  # in the set
+    path: str
+    target: int  # class index; -1 for an image with no label
+    predictions: list[Prediction] = field(default_factory=list)
+    target_rank: int | None = None
+    error: str | None = None  # without the path
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def message(self) -> str:
+        return f"{self.path}: {self.error}"
+
+
+def set_entries(lset: LabelledSet) -> list[tuple[int, InputItem, int]]:
+    """(position, item, target) of this process's share of the set: all of it in a plain
+    process, every world_size-th entry under torchrun."""
+    entries = [(i, item, t) for i, (item, t) in enumerate(zip(lset.items, lset.targets))]
+    return list(distributed.shard(entries))
+
+
+def iter_results(
+    model, entries: Sequence[tuple[int, InputItem, int]], *, top: int = 5, head: str | None = None,
+    device: str = "cpu", dtype: str | None = None, options: ImageOptions | None = None,
+) -> Iterator[ImageResult]:  # fmt: skip
+    """Classify the (position, item, target) entries with the engine; one result per entry,
+    in order. Failed images are results with an `error`."""
+    results = classify(model, (item for _, item, _ in entries), top=top, head=head, scores="prob",
+                       device=device, dtype=dtype, options=options or ImageOptions())  # fmt: skip
+    for r in results:
+        position, _, target = entries[r.position]
+        if not r.ok:
+            yield ImageResult(position, r.path, target, error=r.error, notes=r.notes)
+            continue
+        preds = r.predictions
+        if any(math.isnan(p.score) for p in preds):
+            # NaN scores rank arbitrarily: a miss at every k, never a lucky hit.
+            yield ImageResult(position, r.path, target, preds, None, notes=[*r.notes, "NaN scores"])
+            continue
+        rank = next((p.rank for p in preds if p.index == target), None)
+        yield ImageResult(position, r.path, target, preds, rank, notes=r.notes)
+
+
+class EvalMetrics:
+    """Top-k counts, per-class counts, confusions and failures. `merge` adds another
+    process's counts, so `reduced()` is exact across torchrun ranks."""
+
+    def __init__(self, num_classes: int, ks: Sequence[int]):
+        self.num_classes = num_classes
+        self.ks = tuple(ks)
+        self.class_images = np.zeros(num_classes, dtype=np.int64)
+        self.class_correct = np.zeros((len(self.ks), num_classes), dtype=np.int64)  # (k, C)
+        self.confusions: Counter[tuple[int, int]] = Counter()  # (true, predicted top-1) of misses
+        self.failed: list[tuple[int, str, str]] = []  # (position, path, error)
+        self.seconds = 0.0
+
+    def add(self, r: ImageResult) -> None:
+        if not r.ok:
+            self.failed.append((r.position, r.path, r.error or "failed"))
+            return
+        self.class_images[r.target] += 1
+        for i, k in enumerate(self.ks):
+            if r.target_rank is not None and r.target_rank <= k:
+                self.class_correct[i, r.target] += 1
+        if r.target_rank != 1 and r.predictions:
+            self.confusions[(r.target, r.predictions[0].index)] += 1
+
+    def counting(self, results: Iterable[ImageResult]) -> Iterator[ImageResult]:
+        """`results`, each added as it passes; `seconds` is the time they took."""
+        start = time.perf_counter()
+        for r in results:
+            self.add(r)
+            yield r
+        self.seconds += time.perf_counter() - start
+
+    def merge(self, other: EvalMetrics) -> EvalMetrics:
+        self.class_images += other.class_images
+        self.class_correct += other.class_correct
+        self.confusions.update(other.confusions)
+        self.failed = sorted(self.failed + other.failed)
+        self.seconds = max(self.seconds, other.seconds)  # ranks run side by side
+        return self
+
+    def reduced(self) -> EvalMetrics:
+        """The metrics of every torchrun rank summed (on every rank); itself in one process."""
+        parts = distributed.gather_objects(self)
+        if len(parts) == 1:
+            return self
+        total = EvalMetrics(self.num_classes, self.ks)
+        for part in parts:
+            total.merge(part)
+        return total
+
+    @property
+    def images(self) -> int:
+        """Images evaluated (decoded): the denominator of every accuracy."""
+        return int(self.class_images.sum())
+
+    def correct(self, k: int) -> int:
+        return int(self.class_correct[self.ks.index(k)].sum())
+
+    def accuracy(self, k: int) -> float | None:
+        """Top-k accuracy in percent over the decoded images (None when there are none)."""
+        return 100.0 * self.correct(k) / self.images if self.images else None
+
+    def most_confused(self, n: int = 10) -> list[tuple[int, int, int]]:
+        """(true class, predicted class, count) of top-1 misses, most frequent first."""
+        return sorted(((t, p, c) for (t, p), c in self.confusions.items()), key=lambda x: (-x[2], x[0], x[1]))[:n]
+
+    def to_dict(
+        self, labels: Sequence[str], *, classes: dict[str, int] | None = None, per_class: bool = False,
+        confused: int = 10,
+    ) -> dict:  # fmt: skip
+        """The metrics as plain data (percentages, counts, lists), for JSON and summaries."""
+        images = self.images
+        out: dict = {"images": images, "failed": len(self.failed), "total": images + len(self.failed)}
+        for k in self.ks:
+            out[f"top{k}"] = self.accuracy(k)
+        out["correct"] = {f"top{k}": self.correct(k) for k in self.ks}
+        out["seconds"] = round(self.seconds, 3)
+        out["images_per_s"] = round(images / self.seconds, 2) if self.seconds > 0 else None
+        out["failed_images"] = [{"path": p, "error": e} for _, p, e in self.failed]
+        out["confused"] = [
+            {"true": t, "true_label": labels[t], "predicted": p, "predicted_label": labels[p], "count": c}
+            for t, p, c in self.most_confused(confused)
+        ]
+        if per_class:
+            names: dict[int, str] = {}
+            for name, idx in (classes or {}).items():
+                names.setdefault(idx, name)
+            indices = sorted(names) if classes else [i for i in range(self.num_classes) if self.class_images[i]]
+            rows = []
+            for c in indices:
+                n = int(self.class_images[c])
+                row = {"index": c, "label": labels[c], "name": names.get(c, labels[c]), "images": n}
+                for i, k in enumerate(self.ks):
+                    row[f"top{k}"] = 100.0 * int(self.class_correct[i, c]) / n if n else None
+                rows.append(row)
+            out["per_class"] = rows
+        return out
+
+
+def evaluate(
+    model, lset: LabelledSet, *, ks: Sequence[int] = (1, 5), head: str | None = None, device: str = "cpu",
+    dtype: str | None = None, options: ImageOptions | None = None,
+) -> EvalMetrics:  # fmt: skip
+    """Top-k accuracy of `model` on `lset`.
+
+        lset = labelled_set(scan_set("imagenet/val"), model.labels)
+        print(evaluate(model, lset).accuracy(1))
+
+    Under torchrun, call it inside `distributed.init()`: each rank takes its share and
+    the metrics returned are every rank's, summed.
+    """
+    metrics = EvalMetrics(model.config.num_classes, ks)
+    results = iter_results(model, set_entries(lset), top=max(ks), head=head, device=device, dtype=dtype,
+                           options=options)  # fmt: skip
+    for _ in metrics.counting(results):
+        pass
+    return metrics.reduced()
