@@ -172,8 +172,9 @@ def random_model(source: str, *, image_size: int | None = None, seed: int = 0) -
     kwargs = variant.config_kwargs()
     if image_size:
         kwargs["image_size"] = image_size
-    torch.manual_seed(seed)
-    model = DeiT(DeiTConfig(**kwargs))
+    with torch.device("meta"):  # no init here: init_weights below is the only one
+        model = DeiT(DeiTConfig(**kwargs))
+    model.to_empty(device="cpu")
     model.init_weights(seed)
     model.eval().requires_grad_(False)
     model.labels = default_labels(1000)
