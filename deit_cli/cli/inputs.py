@@ -123,7 +123,10 @@ class ProgressBar:
 
         class Rate(ProgressColumn):
             def render(self, task) -> Text:
-                return Text(f"{task.speed:.1f} img/s" if task.speed else "", style="progress.data.speed")
+                # Over the whole run: a batch's results arrive in a burst, which fools
+                # rich's windowed estimate (thousands of img/s).
+                rate = task.completed / task.elapsed if task.elapsed and task.completed else None
+                return Text(f"{rate:.1f} img/s" if rate else "", style="progress.data.speed")
 
         # redirect_stdout would send stdout's data through the stderr console: never.
         self._progress = Progress(
