@@ -74,7 +74,9 @@ def _reason(path: str, error: str) -> str:
 
 
 @dataclass
-class _Result:
+class Result:
+    """What every per-image result has: where it was, and why it failed if it did."""
+
     position: int  # 0-based input position
     path: str
     error: str | None = None  # why this input failed (without the path); None when it did not
@@ -91,7 +93,7 @@ class _Result:
 
 
 @dataclass
-class Classification(_Result):
+class Classification(Result):
     predictions: list[Prediction] = field(default_factory=list)  # best first; empty on error
 
     def to_record(self, **extra: Any) -> dict[str, Any]:
@@ -111,7 +113,7 @@ class Classification(_Result):
 
 
 @dataclass
-class Features(_Result):
+class Features(Result):
     features: np.ndarray | None = None  # float32: (D,) pooled, or (tokens, D) for pool "tokens"
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import distributed
 from .checkpoints.loading import imagenet_wnids
-from .engine import ImageOptions, Prediction, classify
+from .engine import ImageOptions, Prediction, Result, classify
 from .errors import EXIT_DATA, DeiTError, InputNotFound, UsageError
 from .images import IMAGE_EXTENSIONS, InputItem, iter_inputs
 
@@ -347,25 +347,13 @@ def parse_top(spec: str | Sequence[int], num_classes: int | None = None) -> tupl
 
 
 @dataclass
-class ImageResult:
+class ImageResult(Result):
     """One image of the set: its top classes (best first) and the rank of its true class
     among them (1 = right at top-1; None = not among them), or why it failed."""
 
-    position: int  # in the set
-    path: str
-    target: int  # class index; -1 for an image with no label
+    target: int = -1  # class index; -1 for an image with no label
     predictions: list[Prediction] = field(default_factory=list)
     target_rank: int | None = None
-    error: str | None = None  # without the path
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def message(self) -> str:
-        return f"{self.path}: {self.error}"
 
 
 def set_entries(lset: LabelledSet) -> list[tuple[int, InputItem, int]]:
@@ -386,15 +374,15 @@ def iter_results(
     for r in results:
         position, _, target = entries[r.position]
         if not r.ok:
-            yield ImageResult(position, r.path, target, error=r.error, notes=r.notes)
+            yield ImageResult(position, r.path, r.error, r.notes, target=target)
             continue
         preds = r.predictions
         if any(math.isnan(p.score) for p in preds):
             # NaN scores rank arbitrarily: a miss at every k, never a lucky hit.
-            yield ImageResult(position, r.path, target, preds, None, notes=[*r.notes, "NaN scores"])
+            yield ImageResult(position, r.path, notes=[*r.notes, "NaN scores"], target=target, predictions=preds)
             continue
         rank = next((p.rank for p in preds if p.index == target), None)
-        yield ImageResult(position, r.path, target, preds, rank, notes=r.notes)
+        yield ImageResult(position, r.path, notes=r.notes, target=target, predictions=preds, target_rank=rank)
 
 
 class EvalMetrics:
