@@ -25,7 +25,7 @@ def main() -> None:
     args = ap.parse_args()
     import onnxruntime as ort
 
-    from deit_cli.accel import prepare
+    from deit_cli.engine.runner import prepare
     from deit_cli.checkpoints import random_model
 
     model = random_model(args.model)

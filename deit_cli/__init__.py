@@ -14,7 +14,7 @@ _LAZY = {
     "load_model": "deit_cli.checkpoints",
     "read_checkpoint": "deit_cli.checkpoints",
     "DeiT": "deit_cli.model",
-    "DeiTConfig": "deit_cli.model",
+    "DeiTConfig": "deit_cli.config",
 }
 
 __all__ = ["__version__", *_LAZY]

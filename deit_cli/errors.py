@@ -12,8 +12,10 @@ EXIT_USAGE = 2
 EXIT_DATA = 65
 EXIT_NO_INPUT = 66
 EXIT_UNAVAILABLE = 69
+EXIT_INTERNAL = 70  # a bug: an exception nobody anticipated
 EXIT_CANT_CREATE = 73
 EXIT_IO = 74
+EXIT_OUT_OF_MEMORY = 75  # EX_TEMPFAIL: it may work again with a smaller batch
 EXIT_DENIED = 77
 EXIT_INTERRUPTED = 130
 
@@ -64,3 +66,26 @@ class WriteError(DeiTError):
 
 class AccessDenied(DeiTError):
     exit_code = EXIT_DENIED
+
+
+class OutOfMemory(DeiTError):
+    """CPU or accelerator memory ran out; `batch_size` is the batch that was running."""
+
+    exit_code = EXIT_OUT_OF_MEMORY
+
+    def __init__(self, message: str, hint: str | None = None, *, batch_size: int | None = None):
+        super().__init__(message, hint)
+        self.batch_size = batch_size
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """MemoryError, or torch's (CUDA/MPS) out-of-memory error, without importing torch."""
+    if isinstance(e, MemoryError):
+        return True
+    import sys
+
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if oom is not None and isinstance(e, oom):
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()

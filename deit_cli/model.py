@@ -7,75 +7,14 @@ This module reads no files and prints nothing.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEADS = ("avg", "cls", "dist")
+from .config import HEADS, DeiTConfig
 
-
-@dataclass(frozen=True)
-class DeiTConfig:
-    image_size: int = 224
-    patch_size: int = 16
-    embed_dim: int = 192
-    depth: int = 12
-    num_heads: int = 3
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    distilled: bool = True  # a distillation token after the class token
-    dist_head: bool = True  # distilled only: False for transformers' DeiTForImageClassification
-    num_classes: int = 1000  # 0 = headless: forward() returns pooled features
-    layer_norm_eps: float = 1e-6  # timm and the original release; transformers' configs say 1e-12
-    in_chans: int = 3
-
-    def __post_init__(self):
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return 2 if self.distilled else 1
-
-    @property
-    def grid_size(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size**2
-
-    @property
-    def mlp_dim(self) -> int:
-        return int(self.embed_dim * self.mlp_ratio)
-
-    @property
-    def has_dist_head(self) -> bool:
-        return self.distilled and self.dist_head and self.num_classes > 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DeiTConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown DeiTConfig fields: {', '.join(sorted(unknown))}")
-        return cls(**d)
-
-    def macs_per_image(self) -> int:
-        """Multiply-accumulates of one forward pass (what published tables call FLOPs)."""
-        n, d, h = self.num_patches + self.num_prefix_tokens, self.embed_dim, self.mlp_dim
-        patch = self.num_patches * d * self.in_chans * self.patch_size**2
-        per_block = n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * h
-        heads = d * self.num_classes * (2 if self.has_dist_head else 1)
-        return patch + self.depth * per_block + heads
-
+__all__ = ["DeiT", "DeiTConfig", "HEADS", "resample_pos_embed"]
 
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
@@ -141,7 +80,8 @@ class DeiT(nn.Module):
         self.head_dist = nn.Linear(d, cfg.num_classes) if cfg.has_dist_head else None
         self.labels: list[str] = [f"class_{i}" for i in range(cfg.num_classes)]
         self.preprocessing = None  # a variants.Preprocessing
-        self.source: str | None = None
+        self.source: str | None = None  # what the user named
+        self.origin: str | None = None  # where the weights first came from
         self.variant = None  # the registry's variants.Variant when the architecture is a released one
         self.layout: str | None = None  # the layout the weights were read from
         self.init_weights()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .config import DeiTConfig
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_CROP_PCT = 0.875  # the original release: shorter side to int(size / 0.875), then crop
@@ -36,40 +38,33 @@ class Preprocessing:
 
 @dataclass(frozen=True)
 class Variant:
+    """A released model: its architecture, where its weights live, how it was evaluated,
+    and what it scored."""
+
     name: str  # the timm / original-release name
     hub_repo: str
-    embed_dim: int
-    depth: int
-    num_heads: int
-    distilled: bool
-    image_size: int
+    config: DeiTConfig
     params_m: float  # published parameter count, millions
     gmacs: float  # published "GFLOPs" (multiply-accumulates), per image
     top1: float  # published ImageNet-1k top-1 / top-5, percent
     top5: float
     aliases: tuple[str, ...] = ()
-    patch_size: int = 16
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
 
-    def config_kwargs(self) -> dict:
-        return dict(
-            image_size=self.image_size,
-            patch_size=self.patch_size,
-            embed_dim=self.embed_dim,
-            depth=self.depth,
-            num_heads=self.num_heads,
-            distilled=self.distilled,
-            num_classes=1000,
-        )
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def distilled(self) -> bool:
+        return self.config.distilled
 
 
 def _v(name, repo, dim, heads, distilled, size, params, gmacs, top1, top5, aliases):
-    return Variant(
-        name=name, hub_repo=repo, embed_dim=dim, depth=12, num_heads=heads,
-        distilled=distilled, image_size=size, params_m=params, gmacs=gmacs,
-        top1=top1, top5=top5, aliases=aliases,
-        preprocessing=Preprocessing(image_size=size),
-    )  # fmt: skip
+    config = DeiTConfig(image_size=size, patch_size=16, embed_dim=dim, depth=12, num_heads=heads,
+                        distilled=distilled, num_classes=1000)  # fmt: skip
+    return Variant(name=name, hub_repo=repo, config=config, params_m=params, gmacs=gmacs, top1=top1, top5=top5,
+                   aliases=aliases, preprocessing=Preprocessing(image_size=size))  # fmt: skip
 
 
 # Published numbers: the DeiT paper / model cards (accuracy); mmpretrain's table (params, MACs).
@@ -111,14 +106,13 @@ def find_variant(name: str) -> Variant | None:
     return _BY_NAME.get(name.split("@", 1)[0].strip().lower())
 
 
-def variant_for_config(
-    *, embed_dim: int, depth: int, num_heads: int, distilled: bool, image_size: int,
-    patch_size: int = 16,
-) -> Variant | None:  # fmt: skip
-    """The released variant with this architecture, if there is one."""
+def variant_for_config(config: DeiTConfig) -> Variant | None:
+    """The released variant with this architecture (whatever its head), if there is one."""
     for v in VARIANTS:
-        if (v.embed_dim, v.depth, v.num_heads, v.distilled, v.image_size, v.patch_size) == (
-            embed_dim, depth, num_heads, distilled, image_size, patch_size,
+        c = v.config
+        if (c.embed_dim, c.depth, c.num_heads, c.distilled, c.image_size, c.patch_size, c.mlp_ratio) == (
+            config.embed_dim, config.depth, config.num_heads, config.distilled, config.image_size,
+            config.patch_size, config.mlp_ratio,
         ):  # fmt: skip
             return v
     return None

@@ -39,3 +39,45 @@ def run_cli(capsys):
         return rc, out.out, out.err
 
     return run
+
+
+@pytest.fixture
+def run_cpu(run_cli):
+    """`run_cli` on the CPU: the answers are compared with the model's own on the CPU to
+    1e-6, which a GPU's TF32 convolutions would not meet."""
+
+    def run(command: str, *args) -> tuple[int, str, str]:
+        return run_cli(command, "--device", "cpu", *args)
+
+    return run
+
+
+# --- the colour model (tests/colours.py) and its images --------------------------------
+
+
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory) -> Path:
+    from deit_cli.checkpoints.writing import deit_metadata, save_safetensors
+
+    path = tmp_path_factory.mktemp("model") / "colours.safetensors"
+    from colours import colour_model
+
+    m = colour_model()
+    save_safetensors(path, m.state_dict(), deit_metadata(m))
+    return path
+
+
+@pytest.fixture(scope="session")
+def colour_dir(tmp_path_factory) -> Path:
+    """One PNG per colour (odd sizes, so the resize and crop matter), plus a gradient."""
+    from colours import COLOURS
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("colours")
+    for i, (name, (_, rgb)) in enumerate(COLOURS.items()):
+        Image.new("RGB", (40 + 7 * i, 30 + 3 * i), rgb).save(d / f"{name}.png")
+    import numpy as np
+
+    y, x = np.mgrid[0:45, 0:60]
+    Image.fromarray(np.stack([x * 4, y * 5, 255 - x * 4], -1).astype(np.uint8)).save(d / "mixed.png")
+    return d

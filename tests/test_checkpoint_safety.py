@@ -563,7 +563,7 @@ def test_dst_exists_with_force_is_replaced(runs, sd):
     d, before, future = runs["force"]
     r = future.result()
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == DST
+    assert json.loads(r.stdout)["destination"] == DST
     assert "error" not in r.stderr.lower() and "Traceback" not in r.stderr
     assert (d / SRC).read_bytes() and snapshot(d)[SRC] == before[SRC]
     assert (d / DST).read_bytes() != b"precious"

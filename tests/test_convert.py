@@ -11,7 +11,7 @@ import torch
 import transformers
 from conftest import images
 from safetensors import safe_open
-from test_fidelity import TOL, max_diff, timm_model
+from references import TOL, max_diff, timm_model
 
 import deit_cli
 
@@ -105,8 +105,9 @@ def test_destination_rules(tmp_path, timm_pth, run_cli):
     assert rc == 73 and "--force" in err and dst.read_bytes() == b"mine"
     rc, out, err = run_cli("convert", src, dst, "--force")
     assert rc == 0 and dst.read_bytes()[8:9] == b"{"
-    # a terminal-less run prints the destination on stdout and the check on stderr
-    assert out.strip() == str(dst) and "max logit difference" in err
+    # a terminal-less run prints the result as one JSON record, nothing on stderr
+    result = json.loads(out)
+    assert result["destination"] == str(dst) and result["max_abs_diff"] <= result["tolerance"] and err == ""
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
     # to hf over an existing directory needs --force too, and then replaces it whole
     (tmp_path / "hf").mkdir()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_pipeline import colour_dir, colour_files, model_path, run_cli  # noqa: F401
+from colours import colour_files
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
@@ -81,10 +81,10 @@ def seven_images(tmp_path, colour_dir):
     return d
 
 
-def test_torchrun_features_equal_one_process(run_cli, model_path, seven_images, tmp_path):
+def test_torchrun_features_equal_one_process(run_cpu, model_path, seven_images, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    rc, _, _ = run_cli("extract-features", seven_images, "--model", model_path, "-o", out / "one.npy", "-q")
+    rc, _, _ = run_cpu("extract-features", seven_images, "--model", model_path, "-o", out / "one.npy", "-q")
     assert rc == 0
     p = torchrun("extract-features", seven_images, "--model", model_path, "-o", out / "two.npy", "--device", "cpu",
                  "--batch-size", "2", cwd=tmp_path)  # fmt: skip
@@ -97,9 +97,9 @@ def test_torchrun_features_equal_one_process(run_cli, model_path, seven_images, 
     assert not list(out.glob(".*"))  # the shards (written beside the output) are cleaned up
 
 
-def test_torchrun_classify_jsonl_equals_one_process_with_a_failure(run_cli, model_path, seven_images, tmp_path):
+def test_torchrun_classify_jsonl_equals_one_process_with_a_failure(run_cpu, model_path, seven_images, tmp_path):
     (seven_images / "3-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    rc, one, _ = run_cli("classify", seven_images, "--model", model_path, "--format", "jsonl")
+    rc, one, _ = run_cpu("classify", seven_images, "--model", model_path, "--format", "jsonl")
     assert rc == 1
     p = torchrun("classify", seven_images, "--model", model_path, "--format", "jsonl", "--device", "cpu",
                  cwd=tmp_path)  # fmt: skip
@@ -111,8 +111,8 @@ def test_torchrun_classify_jsonl_equals_one_process_with_a_failure(run_cli, mode
     assert not list((tmp_path / "tmp").glob("deit-shards-*"))  # the shards are cleaned up
 
 
-def test_stdin_is_refused_under_torchrun(run_cli, model_path, monkeypatch):
+def test_stdin_is_refused_under_torchrun(run_cpu, model_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    rc, out, err = run_cli("classify", "-", "--model", model_path)
+    rc, out, err = run_cpu("classify", "-", "--model", model_path)
     assert rc == 2 and out == "" and "not supported under torchrun" in err

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deit_cli.checkpoints.loading import imagenet_classes, imagenet_wnids
+from deit_cli.config import imagenet_classes, imagenet_wnids
 from deit_cli.checkpoints.writing import deit_metadata, save_safetensors
 from deit_cli.model import DeiT, DeiTConfig
 from deit_cli.variants import IMAGENET_MEAN, IMAGENET_STD
@@ -176,7 +176,7 @@ def test_every_label_format_gives_the_exact_fractions(tmp_path, run_cli, models,
 
 def test_any_top_list_per_class_and_confusions(tmp_path, run_cli, models):
     make_folders(tmp_path / "set")
-    rc, s, err = eval_json(run_cli, tmp_path / "set", "--model", models["names"], "--top", "3,1,2", "--per-class")
+    rc, s, err = eval_json(run_cli, tmp_path / "set", "--model", models["names"], "--topk", "3,1,2", "--per-class")
     assert rc == 0, err
     assert s["top"] == [1, 2, 3]
     assert {k: s[f"top{k}"] for k in (1, 2, 3)} == expected((1, 2, 3)) == {1: 70.0, 2: 80.0, 3: 90.0}
@@ -193,7 +193,7 @@ def test_any_top_list_per_class_and_confusions(tmp_path, run_cli, models):
 
 def test_the_library_api(tmp_path, models):
     import deit_cli
-    from deit_cli.evaluate import evaluate, labelled_set, scan_set
+    from deit_cli.engine.evaluate import evaluate, labelled_set, scan_set
 
     model = deit_cli.load_model(models["imagenet"])
     lset = labelled_set(scan_set(make_folders(tmp_path / "set", wnid)), model.labels)
@@ -337,7 +337,7 @@ def test_predictions_jsonl_in_set_order_and_never_overwritten(tmp_path, run_cli,
 
 def test_summary_for_people_goes_to_stdout_without_codes(tmp_path, run_cli, models):
     make_folders(tmp_path / "set")
-    rc, out, err = run_cli("eval", tmp_path / "set", "--model", models["names"], "--device", "cpu")
+    rc, out, err = run_cli("eval", tmp_path / "set", "--model", models["names"], "--device", "cpu", "--format", "table")
     assert rc == 0, err
     assert "top-1" in out and "70.00%" in out and "90.00%" in out and "\x1b[" not in out
     assert f"5 {LABELS[5]}" in out  # a most-confused pair
@@ -347,14 +347,14 @@ def test_summary_for_people_goes_to_stdout_without_codes(tmp_path, run_cli, mode
 def test_bad_top_is_a_usage_error(tmp_path, run_cli, models):
     make_folders(tmp_path / "set")
     for top in ("one", "0", "1,20"):
-        rc, _, err = run_cli("eval", tmp_path / "set", "--model", models["names"], "--top", top)
+        rc, _, err = run_cli("eval", tmp_path / "set", "--model", models["names"], "--topk", top)
         assert rc == 2, (top, err)
 
 
 def test_help_names_the_options(run_cli):
     rc, out, _ = run_cli("eval", "--help")
     assert rc == 0
-    for opt in ("--top", "--per-class", "--predictions", "--labels", "--label-by", "--head", "--crop-pct",
+    for opt in ("--topk", "--per-class", "--predictions", "--labels", "--label-by", "--head", "--crop-pct",
                 "--resize", "--batch-size", "--device", "--dtype", "--workers", "--json", "--quiet"):
         assert opt in out, opt
 
@@ -366,7 +366,7 @@ def test_torchrun_two_cpu_processes_equal_one(tmp_path, run_cli, models):
     make_folders(tmp_path / "set")
     (tmp_path / "set" / LABELS[2] / "broken.jpg").write_text("not a picture")  # failures merge too
     args = ["eval", str(tmp_path / "set"), "--model", models["names"], "--json", "--per-class", "--device", "cpu",
-            "--batch-size", "2", "--top", "1,2,5"]  # fmt: skip
+            "--batch-size", "2", "--topk", "1,2,5"]  # fmt: skip
     rc, out, err = run_cli(*args, "--predictions", tmp_path / "one.jsonl")
     assert rc == 1, err
     one = json.loads(out)

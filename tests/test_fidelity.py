@@ -11,20 +11,12 @@ import timm
 import torch
 import transformers
 from conftest import images, randomize
+from references import TOL, hf_reference, max_diff, timm_model
 
 import deit_cli
 from deit_cli.variants import VARIANTS
 
-TOL = 1e-4
 NAMES = [v.name for v in VARIANTS]
-
-
-def timm_model(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
-    return randomize(timm.create_model(name, pretrained=False, **kwargs), seed)
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -41,22 +33,6 @@ def test_every_variant_matches_timm(tmp_path, name):
     assert model.variant is not None and model.variant.name == name
     assert model.preprocessing.image_size == size
     assert model.labels[281] == "tabby, tabby cat"
-
-
-def hf_reference(name: str, seed: int = 0):
-    """A transformers model shaped like a released variant (as the facebook/ repos are):
-    DeiT with teacher for distilled models, ViT for the others."""
-    v = next(v for v in VARIANTS if v.name == name)
-    kw = dict(
-        hidden_size=v.embed_dim, num_hidden_layers=v.depth, num_attention_heads=v.num_heads,
-        intermediate_size=4 * v.embed_dim, image_size=v.image_size, patch_size=16, num_labels=1000,
-        attn_implementation="eager",
-    )  # fmt: skip
-    if v.distilled:
-        model = transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(**kw))
-    else:
-        model = transformers.ViTForImageClassification(transformers.ViTConfig(**kw))
-    return randomize(model, seed), v
 
 
 @pytest.mark.parametrize("name", NAMES)

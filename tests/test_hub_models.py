@@ -8,7 +8,7 @@ import torch
 from conftest import images
 from fakehub import fake_hub, hf_env  # noqa: F401 - fixtures
 from safetensors.torch import load_file
-from test_fidelity import TOL, hf_reference, max_diff
+from references import TOL, hf_reference, max_diff
 
 import deit_cli
 

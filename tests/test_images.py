@@ -181,7 +181,7 @@ def test_permission_denied_message_even_as_root(tmp_path, monkeypatch):
     def denied(path, mode="r"):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr("deit_cli.images.open", denied, raising=False)
+    monkeypatch.setattr("deit_cli.images.decode.open", denied, raising=False)
     with pytest.raises(ImageNotFound, match="secret.png: permission denied"):
         decode_image(tmp_path / "secret.png")
 

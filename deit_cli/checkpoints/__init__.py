@@ -8,8 +8,6 @@ from .loading import (
     load_model,
     random_model,
     read_checkpoint,
-    resolve_device,
-    resolve_dtype,
 )
 
 __all__ = [
@@ -20,6 +18,4 @@ __all__ = [
     "load_model",
     "random_model",
     "read_checkpoint",
-    "resolve_device",
-    "resolve_dtype",
 ]

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, InputNotFound
+from ..errors import CheckpointError
+from ..files import input_error
 
 SAFETENSORS = "safetensors"
 TORCH_ZIP = "torch-zip"
@@ -43,14 +44,8 @@ def detect_format(path: Path) -> str:
         with open(path, "rb") as f:
             head = f.read(16)
             size = f.seek(0, 2)
-    except FileNotFoundError:
-        raise InputNotFound(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path}: is a directory without config.json and weights") from None
-    except PermissionError:
-        raise InputNotFound(f"{path}: permission denied") from None
     except OSError as e:
-        raise InputNotFound(f"{path}: cannot read ({e.strerror or e})") from None
+        raise input_error(path, e) from None
     if size == 0:
         raise CheckpointError(f"{path}: empty file (0 bytes)", "the download or copy was probably interrupted")
     if head[:4] == b"PK\x03\x04":

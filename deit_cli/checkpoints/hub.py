@@ -12,10 +12,16 @@ does not pay for the hub client.
 from __future__ import annotations
 
 import errno
+import logging
+import os
 import re
+import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ..errors import AccessDenied, CheckpointError, HubUnavailable, InputNotFound, WriteError
 
@@ -111,7 +117,9 @@ def fetch_model_files(repo_id: str, revision: str | None = None) -> HubFiles:
     be reached (or HF_HUB_OFFLINE is set), cached files are used.
     """
     shown = f"{repo_id}@{revision}" if revision else repo_id
-    unreachable: BaseException | None = None
+    # A hub whose name does not resolve, or that refuses the connection, will not answer
+    # huggingface_hub's retries either (about 24 s of them): go to the cache at once.
+    unreachable: BaseException | None = None if _offline() else _endpoint_down()
     weights: Path | None = None
     for filename in WEIGHT_FILES:
         path, error = _download(
@@ -150,9 +158,9 @@ def _download(
 
     E = _hub_errors()
     try:
-        return Path(
-            hf_hub_download(repo_id, filename, revision=revision, local_files_only=cache_only)
-        ), None
+        with _quiet_hub_logger():
+            path = hf_hub_download(repo_id, filename, revision=revision, local_files_only=cache_only)
+        return Path(path), None
     except E.LocalEntryNotFound as e:  # before EntryNotFound: in recent releases it subclasses it
         # Not cached and no answer from the hub. Perhaps the cache knows the file does not exist.
         try:
@@ -245,6 +253,49 @@ def _from_http_error(
             f"{shown}: hub unreachable (HTTP {status})", "the hub has a problem; try again later"
         )
     return HubUnavailable(f"{shown}: hub request failed (HTTP {status})", _UNREACHABLE_HINT)
+
+
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+_PROBE_TIMEOUT = 3.0  # seconds for one TCP connection to the endpoint
+
+
+def _endpoint_down() -> ConnectionError | None:
+    """The error of a hub endpoint that cannot answer at all: its name does not resolve,
+    it refuses connections, or there is no route to it. None when it accepts a TCP
+    connection, when it is slow (a timeout may be transient: huggingface_hub retries it),
+    or when a proxy is configured (the proxy decides what is reachable)."""
+    if any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        return None
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    if not url.hostname:
+        return None
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=_PROBE_TIMEOUT).close()
+    except socket.gaierror as e:
+        return ConnectionError(f"cannot resolve {url.hostname}: {e.strerror}")
+    except (ConnectionRefusedError, ConnectionResetError):
+        return ConnectionError(f"{url.hostname}:{port} refused the connection")
+    except TimeoutError:
+        return None
+    except OSError as e:  # no route to host, network unreachable
+        return ConnectionError(f"cannot connect to {url.hostname}:{port}: {e.strerror or e}")
+    return None
+
+
+@contextmanager
+def _quiet_hub_logger() -> Iterator[None]:
+    """huggingface_hub's own warnings ("Retrying in 8s [Retry 4/5]") are not for our stderr:
+    what went wrong reaches the user as one of our errors."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _offline() -> bool:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass, replace
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 import torch
 
+from ..config import default_labels, imagenet_classes, imagenet_wnids  # noqa: F401 - re-exported
 from ..errors import CheckpointError, InputNotFound, UsageError
 from ..model import DeiT, DeiTConfig, resample_pos_embed
 from ..variants import DEFAULT_MODEL, Preprocessing, Variant, find_variant, variant_for_config
@@ -36,9 +35,10 @@ class Checkpoint:
     config: DeiTConfig
     labels: list[str]
     layout: str
-    source: str
+    source: str  # what the user named
     path: Path
     variant: Variant | None
+    origin: str = ""  # where the weights first came from (recorded by `deit convert`), else `source`
 
 
 def resolve_source(source: str) -> tuple[Path, Path | None, Variant | None]:
@@ -116,12 +116,9 @@ def read_checkpoint(source: str = DEFAULT_MODEL) -> Checkpoint:
     labels = labels or layouts.hf_labels(hf_cfg, config.num_classes) or default_labels(config.num_classes)
     if len(labels) != config.num_classes:
         raise CheckpointError(f"{weights}: {len(labels)} labels for {config.num_classes} classes")
-    variant = variant or variant_for_config(
-        embed_dim=config.embed_dim, depth=config.depth, num_heads=config.num_heads,
-        distilled=config.distilled, image_size=config.image_size, patch_size=config.patch_size,
-    )  # fmt: skip
-    src = metadata.get(META_SOURCE) or source
-    return Checkpoint(sd, config, labels, layout, src, weights, variant)
+    variant = variant or variant_for_config(config)
+    origin = metadata.get(META_SOURCE) or source
+    return Checkpoint(sd, config, labels, layout, source, weights, variant, origin)
 
 
 def build_model(ckpt: Checkpoint, *, image_size: int | None = None) -> DeiT:
@@ -145,6 +142,7 @@ def build_model(ckpt: Checkpoint, *, image_size: int | None = None) -> DeiT:
     pre = ckpt.variant.preprocessing if ckpt.variant else Preprocessing(image_size=config.image_size)
     model.preprocessing = replace(pre, image_size=config.image_size) if pre.image_size != config.image_size else pre
     model.source = ckpt.source
+    model.origin = ckpt.origin or ckpt.source
     model.variant = ckpt.variant
     model.layout = ckpt.layout
     return model
@@ -160,6 +158,8 @@ def load_model(
     """Load a DeiT from a registry name or alias, a hub repo id (`org/name[@revision]`),
     a local model directory, or a checkpoint file. Returns the model in eval mode with
     `.config`, `.labels` and `.preprocessing` set."""
+    from ..engine.runner import resolve_device, resolve_dtype
+
     model = build_model(read_checkpoint(str(source)), image_size=image_size)
     return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
 
@@ -169,17 +169,16 @@ def random_model(source: str, *, image_size: int | None = None, seed: int = 0) -
     variant = find_variant(source)
     if variant is None:
         raise InputNotFound(f"{source}: not a registry name; --random-init needs one", "`deit models` lists them")
-    kwargs = variant.config_kwargs()
-    if image_size:
-        kwargs["image_size"] = image_size
+    config = replace(variant.config, image_size=image_size) if image_size else variant.config
     with torch.device("meta"):  # no init here: init_weights below is the only one
-        model = DeiT(DeiTConfig(**kwargs))
+        model = DeiT(config)
     model.to_empty(device="cpu")
     model.init_weights(seed)
     model.eval().requires_grad_(False)
     model.labels = default_labels(1000)
     model.preprocessing = replace(variant.preprocessing, image_size=model.config.image_size)
     model.source, model.variant, model.layout = f"{variant.name} (random init)", variant, layouts.CANONICAL
+    model.origin = model.source
     return model
 
 
@@ -211,60 +210,3 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: config is not a JSON object")
     return data
-
-
-@lru_cache(maxsize=None)
-def imagenet_classes() -> tuple[str, ...]:
-    return tuple(resources.files("deit_cli").joinpath("data/imagenet_classes.txt").read_text().splitlines())
-
-
-@lru_cache(maxsize=None)
-def imagenet_wnids() -> tuple[str, ...]:
-    return tuple(resources.files("deit_cli").joinpath("data/imagenet_wnids.txt").read_text().splitlines())
-
-
-def default_labels(num_classes: int) -> list[str]:
-    if num_classes == 1000:
-        return list(imagenet_classes())
-    return [f"class_{i}" for i in range(num_classes)]
-
-
-_DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-}  # fmt: skip
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[dtype.lower()]
-    except KeyError:
-        raise UsageError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16") from None
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device!r} requested but CUDA is not available here")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UsageError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("device 'mps' requested but MPS is not available here")
-    return dev
-

@@ -1,26 +1,23 @@
 """Writing checkpoints: atomically (a temporary beside the target, then a rename), never
 over something the user owns without `force`, and checked against the source before the
-rename so a failed conversion leaves nothing behind."""
+rename so a failed conversion leaves nothing behind (the atomic part is `deit_cli.files`)."""
 
 from __future__ import annotations
 
 import errno
 import json
-import os
-import shutil
-import tempfile
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from ..errors import CheckpointError, OutputExists, UsageError, WriteError
+from ..errors import CheckpointError, UsageError
+from ..files import atomic_path, check_destination, same_path
 from ..model import DeiT
 from . import layouts
-from .loading import META_CONFIG, META_LABELS, META_SOURCE, DeiTWarning, build_model, read_checkpoint, resolve_dtype
+from ..engine.runner import resolve_dtype
+from .loading import META_CONFIG, META_LABELS, META_SOURCE, DeiTWarning, build_model, read_checkpoint
 
 TARGETS = ("deit", "timm", "hf")
 # (atol, rtol) of the logit check per stored dtype: reduced precision moves logits a little.
@@ -40,73 +37,6 @@ class ConvertResult:
     tolerance: float
     timm_name: str | None
     hf_architecture: str | None
-
-
-def check_destination(dst: Path, *, force: bool, sources: tuple[Path, ...] = ()) -> None:
-    """Refuse a destination that exists (without force), is a source, or is not a plain path."""
-    for src in sources:
-        if _same_path(dst, src):
-            raise UsageError(f"{dst}: destination is the source; choose another path")
-    if dst.exists() or dst.is_symlink():
-        if not force:
-            raise OutputExists(f"{dst}: already exists", "pass --force to replace it")
-        if not (dst.is_file() or dst.is_dir()) or dst.is_symlink():
-            raise OutputExists(f"{dst}: not a regular file or directory; refusing to replace it")
-    parent = dst.parent if str(dst.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputExists(f"{dst}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OutputExists(f"{dst}: directory {parent} is not writable")
-
-
-def _same_path(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-    except OSError:
-        return False
-
-
-@contextmanager
-def atomic_path(dst: Path, *, directory: bool = False) -> Iterator[Path]:
-    """A temporary path beside `dst`; renamed over `dst` when the block succeeds, removed
-    whatever else happens (errors, Ctrl-C)."""
-    parent = dst.parent if str(dst.parent) else Path(".")
-    prefix = f".{dst.name}.tmp-"
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent)) if directory else None
-        if tmp is None:
-            fd, name = tempfile.mkstemp(prefix=prefix, suffix=dst.suffix, dir=parent)
-            os.close(fd)
-            tmp = Path(name)
-    except OSError as e:
-        raise OutputExists(f"{dst}: cannot create a file in {parent} ({e.strerror})") from None
-    try:
-        yield tmp
-        if directory and dst.is_dir():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=parent))
-            os.replace(dst, old / "x")
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    except OSError as e:
-        _remove(tmp)
-        raise _write_error(dst, e) from None
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _write_error(dst: Path, e: OSError) -> WriteError:
-    why = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large", errno.EDQUOT: "disk quota exceeded"}
-    return WriteError(f"{dst}: write failed: {why.get(e.errno, e.strerror or str(e))}", "nothing was written")
 
 
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -129,7 +59,7 @@ def deit_metadata(model: DeiT) -> dict[str, str]:
         "format": "pt",
         META_CONFIG: json.dumps(model.config.to_dict()),
         META_LABELS: json.dumps(model.labels),
-        META_SOURCE: str(model.source),
+        META_SOURCE: str(model.origin or model.source),
     }
 
 
@@ -198,7 +128,7 @@ def convert(
     src_path = Path(source).expanduser()
     check_destination(dst, force=force, sources=(src_path,) if src_path.exists() else ())
     ckpt = read_checkpoint(source)
-    if _same_path(dst, ckpt.path) or (dst.is_dir() and ckpt.path.parent.resolve() == dst.resolve()):
+    if same_path(dst, ckpt.path) or (dst.is_dir() and ckpt.path.parent.resolve() == dst.resolve()):
         raise UsageError(f"{dst}: destination is (or holds) the source; choose another path")
     model = build_model(ckpt)
     timm_name = model.variant.name if model.variant else None

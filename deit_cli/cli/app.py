@@ -12,8 +12,11 @@ import typer
 from typer.core import TyperGroup
 
 from .. import __version__
-from ..errors import EXIT_DATA, EXIT_INTERRUPTED, EXIT_IO, EXIT_USAGE, DeiTError
+from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, DeiTError, OutOfMemory, is_out_of_memory
 from . import output
+
+# One module per command (cli/X.py); importing one must not import torch.
+COMMANDS = ("classify", "features", "evaluate", "convert", "models", "bench")
 
 class _Group(TyperGroup):
     def invoke(self, ctx):
@@ -48,19 +51,10 @@ def _root(
 
 
 def _register() -> None:
-    # Each module holds one command; importing one must not import torch.
-    from . import convert, models
+    import importlib
 
-    for module in (convert, models):
-        module.register(app)
-    for name in ("classify", "features", "bench", "evaluate"):
-        try:
-            module = __import__(f"deit_cli.cli.{name}", fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != f"deit_cli.cli.{name}":
-                raise
-            continue
-        module.register(app)
+    for name in COMMANDS:  # a command that fails to import is a broken install: let it show
+        importlib.import_module(f"{__package__}.{name}").register(app)
 
 
 _register()
@@ -83,21 +77,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeiTError as e:
         if debug:
             raise
-        output.error(e.one_line())
+        output.error(_with_batch_hint(e).one_line() if isinstance(e, OutOfMemory) else e.one_line())
         rc = e.exit_code
-    except MemoryError:
-        if debug:
-            raise
-        output.error("out of memory (try a smaller --batch-size)")
-        rc = EXIT_IO
     except Exception as e:  # noqa: BLE001 - an unexpected failure is still one line
         if _is_usage_error(e):  # Typer's (vendored click) usage errors: bad flags or arguments
             e.show()
             return e.exit_code
         if debug:
             raise
-        output.error(f"unexpected {type(e).__name__}: {e} (set DEIT_DEBUG=1 for the traceback)")
-        rc = EXIT_DATA if isinstance(e, (ValueError, RuntimeError)) else 1
+        if is_out_of_memory(e):
+            oom = _with_batch_hint(OutOfMemory("out of memory", batch_size=output.batch_size()))
+            output.error(oom.one_line())
+            return oom.exit_code
+        output.error(f"internal error: {type(e).__name__}: {_first_line(e)} (this is a bug in deit; "
+                     "set DEIT_DEBUG=1 to see the traceback and report it)")  # fmt: skip
+        rc = EXIT_INTERNAL
     if rc == EXIT_INTERRUPTED and not debug:  # Typer turns Ctrl-C into Exit(130) silently
         output.error("interrupted")
     if rc is None:
@@ -105,6 +99,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not isinstance(rc, int):
         rc = EXIT_USAGE
     return rc
+
+
+def _with_batch_hint(e: OutOfMemory) -> OutOfMemory:
+    size = e.batch_size if e.batch_size is not None else output.batch_size()
+    if e.hint is None:
+        e.hint = f"the batch size was {size}; lower it with --batch-size" if size else "lower --batch-size"
+    return e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"
 
 
 def _is_usage_error(e: Exception) -> bool:

@@ -8,8 +8,9 @@ from typing import Annotated
 
 import typer
 
+from ..errors import UsageError
 from . import output
-from .options import DEFAULT_MODEL_NAME, DeviceOpt, JsonOpt, ModelOpt, QuietOpt
+from .options import DEFAULT_MODEL_NAME, BatchListOpt, DeviceOpt, FormatOpt, JsonOpt, ModelOpt, QuietOpt
 
 CSV_FIELDS = [
     "model", "impl", "mode", "device", "device_name", "dtype", "batch", "images_per_s", "images_per_s_min",
@@ -24,7 +25,6 @@ RandomInitOpt = Annotated[
     typer.Option("--random-init", help="The registry variant's architecture with random weights (offline; "
                  "speed does not depend on the values)."),
 ]  # fmt: skip
-BatchOpt = Annotated[str, typer.Option("--batch", "-b", help="Batch size, or a comma list for a sweep: 1,8,32.")]
 BenchDtypeOpt = Annotated[str, typer.Option("--dtype", help="fp32, bf16 or fp16 (or a comma list).")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile deit (and the peers, alike).")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads (torch.set_num_threads).")]
@@ -52,14 +52,14 @@ PeakOpt = Annotated[
 ImageSizeOpt = Annotated[
     int | None, typer.Option("--image-size", min=16, help="Input resolution (position embeddings resampled).")
 ]
-CsvOpt = Annotated[bool, typer.Option("--csv", help="Print CSV on stdout, a row as each is measured.")]
+CsvOpt = Annotated[bool, typer.Option("--csv", help="The same as --format csv.")]
 
 
 def bench(
     model: ModelOpt = DEFAULT_MODEL_NAME,
     random_init: RandomInitOpt = False,
     device: DeviceOpt = "auto",
-    batch: BatchOpt = "1,32",
+    batch: BatchListOpt = "1,32",
     dtype: BenchDtypeOpt = "fp32",
     compile_: CompileOpt = False,
     threads: ThreadsOpt = None,
@@ -72,6 +72,7 @@ def bench(
     workers: WorkersOpt = None,
     peak_tflops: PeakOpt = None,
     image_size: ImageSizeOpt = None,
+    format_: FormatOpt = None,
     csv: CsvOpt = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -80,9 +81,16 @@ def bench(
 
     Warm-up is excluded, CUDA is timed with events, every row is the median of --reps
     repetitions (with min..max). With --compare, timm and transformers run the same weights
-    interleaved with deit, and each row shows deit's speed-up over it.
+    interleaved with deit, and each row shows deit's speed-up over it. A table on a
+    terminal; when piped, one JSON record per row as each is measured.
     """
-    from ..benchmark import BenchSpec, parse_batches, parse_compare, run_bench
+    from ..engine.bench import BenchSpec, parse_batches, parse_compare, run_bench
+
+    if csv:
+        if format_ is not None and format_.value != "csv":
+            raise UsageError(f"--csv and --format {format_.value} disagree; give one of them")
+        format_ = "csv"
+    fmt = output.choose_format(format_, json_, per_item=True)
 
     spec = BenchSpec(
         model=model, random_init=random_init, device=device, batches=parse_batches(batch),
@@ -102,22 +110,19 @@ def bench(
                 output.info(f"{row.impl} {row.dtype} batch {row.batch}: {row.images_per_s:.1f} images/s")
             yield row.to_dict()
 
-    if csv:
-        output.write_rows(measured(), fieldnames=CSV_FIELDS)  # each row as it is measured
+    if fmt != "table":
+        output.write_records(measured(), fmt, fieldnames=CSV_FIELDS)  # each row as it is measured
         return
     for _ in measured():
         pass
-    if json_:
-        output.write_json([r.to_dict() for r in rows])
-    else:
-        _table(rows)
+    _table(rows, quiet=quiet)
 
 
 def _fmt(v, spec: str = ".1f", none: str = "") -> str:
     return none if v is None else format(v, spec)
 
 
-def _table(rows) -> None:
+def _table(rows, *, quiet: bool) -> None:
     from rich.table import Table
 
     if not rows:
@@ -143,7 +148,8 @@ def _table(rows) -> None:
             cells += ["" if r.deit_speedup is None else f"{r.deit_speedup:.2f}", r.path]
         table.add_row(*cells)
     output.stdout_console().print(table)
-    output.info(f"memory: {first.memory}; deit × = deit's images/s over the row's, median of per-round ratios")
+    if not quiet:
+        output.info(f"memory: {first.memory}; deit × = deit's images/s over the row's, median of per-round ratios")
 
 
 def register(app: typer.Typer) -> None:

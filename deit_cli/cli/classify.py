@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from enum import Enum
-from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable
 
 import typer
 
 from . import output
-from .inputs import (
-    AllowTruncatedOpt, BatchSizeOpt, CropPctOpt, InputsArg, NoExifOpt, NullOpt, ProgressBar, ResizeOpt, Tally,
-    WorkersOpt, image_options, load, prefetch, read_inputs, wants_progress,
+from .inputs import image_options, load, positioned, prefetch, read_inputs, wants_progress
+from .options import (
+    DEFAULT_MODEL_NAME, AllowTruncatedOpt, BatchSizeOpt, CropPctOpt, DeviceOpt, DtypeOpt, FormatOpt, HeadOpt,
+    InputsArg, JsonOpt, ModelOpt, NoExifOpt, NullOpt, QuietOpt, ResizeOpt, TopOpt, WorkersOpt,
 )  # fmt: skip
-from .options import DEFAULT_MODEL_NAME, DeviceOpt, DtypeOpt, ModelOpt, QuietOpt
-
-
-class Format(str, Enum):
-    table = "table"
-    json = "json"
-    jsonl = "jsonl"
-    csv = "csv"
-    tsv = "tsv"
-
-
-class Head(str, Enum):
-    avg = "avg"
-    cls = "cls"
-    dist = "dist"
 
 
 class Scores(str, Enum):
@@ -44,15 +27,11 @@ FEW = 3  # up to this many images get a table each on a terminal; more get one c
 def classify(
     inputs: InputsArg,
     model: ModelOpt = DEFAULT_MODEL_NAME,
-    top: Annotated[int, typer.Option("--top", "-k", min=1, help="How many classes to report per image.")] = 5,
-    head: Annotated[
-        Head | None, typer.Option("--head", help="Distilled models: avg (default), cls or dist classifier.")
-    ] = None,
+    top: TopOpt = 5,
+    head: HeadOpt = None,
     scores: Annotated[Scores, typer.Option("--scores", help="prob (softmax) or logit.")] = Scores.prob,
-    format_: Annotated[
-        Format | None,
-        typer.Option("--format", "-F", help="Output format (default: table on a terminal, jsonl otherwise)."),
-    ] = None,
+    format_: FormatOpt = None,
+    json_: JsonOpt = False,
     batch_size: BatchSizeOpt = 32,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32",
@@ -70,52 +49,31 @@ def classify(
     Exit code 0: all classified; 1: some inputs failed (each has an error record);
     66: none could be read.
     """
-    from .. import distributed, engine
+    from .. import distributed
+    from ..engine import classify as engine
 
-    fmt = (format_ or (Format.table if output.stdout_is_terminal() else Format.jsonl)).value
+    fmt = output.choose_format(format_, json_, per_item=True)
     options = image_options(batch_size, workers, crop_pct, resize, no_exif, allow_truncated)
     device = distributed.local_device(device)
     show = wants_progress(quiet=quiet, stdout_streams=fmt != "table")
     items = read_inputs(inputs, null_separated=null)  # checked now, read lazily
     with distributed.init(device):
         net = load(model)
+        output.set_batch_size(batch_size)
         items = prefetch(inputs, items, counted=show)
         chosen_head = head.value if head else engine.default_head(net.config)
         extra = {"model": str(net.source), "head": chosen_head}
-        with ProgressBar(show, "classifying", len(items) if isinstance(items, list) else None) as bar:
+        with output.ProgressBar(show, "classifying", len(items) if isinstance(items, list) else None) as bar:
             results = bar.wrap(engine.classify(net, items, top=top, head=chosen_head, scores=scores.value,
                                                device=device, dtype=dtype, options=options))  # fmt: skip
             if not distributed.is_distributed():
                 code = render(results, fmt, extra, scores.value, before_table=bar.stop)
             else:
-                with distributed.merged_shards(results, _write_shard, _read_shard) as merged:
+                with distributed.merged_shards(results, engine.write_shard, engine.read_shard) as merged:
                     bar.stop()
                     # Rank 0 reports for every rank; the others are done once their shard is written.
-                    code = 0 if merged is None else render(_positioned(merged), fmt, extra, scores.value)
+                    code = 0 if merged is None else render(positioned(merged), fmt, extra, scores.value)
     raise typer.Exit(code)
-
-
-def _positioned(results: Iterable) -> Iterable:
-    for pos, r in enumerate(results):
-        r.position = pos
-        yield r
-
-
-def _write_shard(results: Iterable, stem: Path) -> None:
-    with open(stem.with_suffix(".jsonl"), "w", encoding="utf-8") as f:
-        for r in results:
-            rec = r.to_record()
-            if r.ok:
-                rec["notes"] = r.notes
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-
-
-def _read_shard(stem: Path) -> Iterable:
-    from ..engine import Classification
-
-    with open(stem.with_suffix(".jsonl"), encoding="utf-8") as f:
-        for line in f:
-            yield Classification.from_record(json.loads(line), -1)
 
 
 # --------------------------------------------------------------------------- rendering
@@ -125,38 +83,17 @@ def render(
     results: Iterable, fmt: str, extra: dict[str, Any], scores: str, before_table: Callable[[], None] = lambda: None
 ) -> int:
     """Write `results` to stdout in `fmt`, each failure on stderr; returns the exit code."""
-    tally = Tally()
-    counted = _counting(results, tally)
-    if fmt == "jsonl":
-        for r in counted:
-            output.write_jsonl(r.to_record(**extra))
-    elif fmt == "json":
-        _write_json_array(r.to_record(**extra) for r in counted)
+    tally = output.Tally()
+    counted = tally.counting(results)
+    if fmt in ("json", "jsonl"):
+        output.write_records((r.to_record(**extra) for r in counted), fmt)
     elif fmt in ("csv", "tsv"):
-        output.write_rows(_rows(counted), delimiter="," if fmt == "csv" else "\t", fieldnames=CSV_FIELDS)
+        output.write_records(_rows(counted), fmt, fieldnames=CSV_FIELDS)
     else:
         done = list(counted)
         before_table()
         _write_tables(done, scores)
     return tally.exit_code()
-
-
-def _counting(results: Iterable, tally: Tally) -> Iterable:
-    for r in results:
-        tally.add(r)
-        yield r
-
-
-def _write_json_array(records: Iterable[dict]) -> None:
-    # Streamed, one record per line, so memory stays flat however many images.
-    out = sys.stdout
-    first = True
-    for rec in records:
-        out.write(("[\n  " if first else ",\n  ") + json.dumps(rec, ensure_ascii=False))
-        out.flush()
-        first = False
-    out.write("[]\n" if first else "\n]\n")
-    out.flush()
 
 
 def _rows(results: Iterable) -> Iterable[dict]:

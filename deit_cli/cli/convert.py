@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from . import output
-from .options import ForceOpt, JsonOpt
+from .options import ForceOpt, FormatOpt, JsonOpt, QuietOpt
 
 
 def convert(
@@ -19,16 +19,23 @@ def convert(
     dtype: Annotated[str, typer.Option("--dtype", help="Stored precision: fp32, fp16 or bf16.")] = "fp32",
     tolerance: Annotated[float | None, typer.Option("--tolerance", help="Largest allowed logit difference in the read-back check (default: by dtype).")] = None,
     force: ForceOpt = False,
+    format_: FormatOpt = None,
     json_: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Convert a checkpoint, then read it back and check its logits against the source."""
+    """Convert a checkpoint, then read it back and check its logits against the source.
+
+    A panel on a terminal; the result as one JSON record when piped (or with --json).
+    """
     from ..checkpoints.writing import convert as run_convert
 
+    fmt = output.choose_format(format_, json_, per_item=False, allowed=("table", "json", "jsonl"))
     result = run_convert(src, dst, to=to, dtype=dtype, force=force, tolerance=tolerance)
-    if json_ or not output.stdout_is_terminal():
-        output.write_json(asdict(result)) if json_ else output.write_line(str(dst))
-        if not json_:
-            output.info(f"checked: max logit difference {result.max_abs_diff:.3g} (tolerance {result.tolerance:.3g})")
+    if fmt == "json":
+        output.write_json(asdict(result))
+        return
+    if fmt == "jsonl":
+        output.write_jsonl(asdict(result))
         return
     from rich.panel import Panel
 

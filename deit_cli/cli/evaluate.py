@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from enum import Enum
 from pathlib import Path
@@ -12,17 +11,11 @@ import typer
 
 from ..errors import EXIT_OK, EXIT_PARTIAL, InputNotFound
 from . import output
-from .inputs import (
-    AllowTruncatedOpt, BatchSizeOpt, CropPctOpt, NoExifOpt, ProgressBar, ResizeOpt, WorkersOpt, image_options,
-    load, wants_progress,
+from .inputs import image_options, load, wants_progress
+from .options import (
+    DEFAULT_MODEL_NAME, AllowTruncatedOpt, BatchSizeOpt, CropPctOpt, DeviceOpt, DtypeOpt, ForceOpt, FormatOpt,
+    HeadOpt, JsonOpt, ModelOpt, NoExifOpt, QuietOpt, ResizeOpt, WorkersOpt,
 )  # fmt: skip
-from .options import DEFAULT_MODEL_NAME, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelOpt, QuietOpt
-
-
-class Head(str, Enum):
-    avg = "avg"
-    cls = "cls"
-    dist = "dist"
 
 
 class LabelBy(str, Enum):
@@ -43,16 +36,14 @@ def evaluate(
     )] = None,
     label_by: Annotated[LabelBy, typer.Option(
         "--label-by", help="How the set names classes (auto: whichever matches every name).")] = LabelBy.auto,
-    top: Annotated[str, typer.Option("--top", "-k", help="The k of the top-k accuracies, comma-separated.")] = "1,5",
+    topk: Annotated[str, typer.Option("--topk", help="The k of the top-k accuracies, comma-separated.")] = "1,5",
     per_class: Annotated[bool, typer.Option("--per-class", help="Also the accuracy of every class.")] = False,
     confused: Annotated[int, typer.Option(
         "--confused", min=0, help="How many most-confused class pairs to list.")] = 10,
     predictions: Annotated[Path | None, typer.Option(
         "--predictions", help="Write every image's prediction to this JSONL file.")] = None,
     force: ForceOpt = False,
-    head: Annotated[
-        Head | None, typer.Option("--head", help="Distilled models: avg (default), cls or dist classifier.")
-    ] = None,
+    head: HeadOpt = None,
     batch_size: BatchSizeOpt = 32,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32",
@@ -61,10 +52,11 @@ def evaluate(
     no_exif: NoExifOpt = False,
     allow_truncated: AllowTruncatedOpt = False,
     workers: WorkersOpt = None,
+    format_: FormatOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Top-1/top-5 (any --top) accuracy on a labelled image set, e.g. ImageNet val.
+    """Top-1/top-5 (any --topk) accuracy on a labelled image set, e.g. ImageNet val.
 
     Accuracy is over the images that decoded; the others are counted and listed as failed.
 
@@ -73,11 +65,12 @@ def evaluate(
     Under torchrun the set is split across processes and the metrics summed.
     """
     from .. import distributed
-    from .. import evaluate as ev
-    from ..checkpoints.writing import check_destination
+    from ..engine import evaluate as ev
+    from ..files import check_destination
 
+    fmt = output.choose_format(format_, json_, per_item=False, allowed=("table", "json", "jsonl"))
     options = image_options(batch_size, workers, crop_pct, resize, no_exif, allow_truncated)
-    ev.parse_top(top)
+    ev.parse_top(topk)
     if predictions is not None:
         check_destination(predictions, force=force)
     scanned = ev.scan_set(dataset, labels_file=labels)  # before the model: fail fast
@@ -85,7 +78,8 @@ def evaluate(
     show = wants_progress(quiet=quiet, stdout_streams=False)
     with distributed.init(device):
         net = load(model)
-        ks = ev.parse_top(top, net.config.num_classes)
+        output.set_batch_size(batch_size)
+        ks = ev.parse_top(topk, net.config.num_classes)
         lset = ev.labelled_set(scanned, net.labels, label_by=label_by.value)
         if distributed.is_main() and not quiet:
             for name in lset.empty_classes:
@@ -93,40 +87,29 @@ def evaluate(
         chosen_head = head.value if head else None
         entries = ev.set_entries(lset)
         metrics = ev.EvalMetrics(net.config.num_classes, ks)
-        with ProgressBar(show, "evaluating", len(entries)) as bar:
+        with output.ProgressBar(show, "evaluating", len(entries)) as bar:
             results = bar.wrap(_warning_failures(metrics.counting(ev.iter_results(
                 net, entries, top=max(ks), head=chosen_head, device=device, dtype=dtype, options=options))))
-            records = (_record(r, net.labels) for r in results)
+            records = (ev.prediction_record(r, net.labels) for r in results)
             if predictions is None:
                 for _ in records:
                     pass
             elif not distributed.is_distributed():
-                _write_jsonl(predictions, records)
+                ev.write_jsonl(predictions, records)
             else:
-                with distributed.merged_shards(records, _write_shard, _read_shard, near=predictions) as merged:
+                with distributed.merged_shards(records, ev.write_shard, ev.read_shard, near=predictions) as merged:
                     if merged is not None:
-                        _write_jsonl(predictions, merged)
+                        ev.write_jsonl(predictions, merged)
         metrics = metrics.reduced()
     if not distributed.is_main():
         raise typer.Exit(EXIT_OK)  # rank 0 reports for every rank
 
-    from ..engine import default_head
-
-    summary = {
-        "model": str(net.source),
-        "set": lset.source,
-        "label_by": lset.label_by,
-        "classes": len(set(lset.classes.values())),
-        "head": chosen_head or default_head(net.config),
-        "top": list(ks),
-        **metrics.to_dict(net.labels, classes=lset.classes, per_class=per_class, confused=confused),
-    }
-    if net.variant is not None:
-        summary["published"] = {"variant": net.variant.name, "top1": net.variant.top1, "top5": net.variant.top5}
-    if predictions is not None:
-        summary["predictions"] = str(predictions)
-    if json_:
+    summary = ev.summary(net, lset, metrics, head=chosen_head, per_class=per_class, confused=confused,
+                         predictions=predictions)  # fmt: skip
+    if fmt == "json":
         output.write_json(summary)
+    elif fmt == "jsonl":
+        output.write_jsonl(summary)
     else:
         _render(summary, ks)
     if not metrics.images:
@@ -142,43 +125,6 @@ def _warning_failures(results: Iterable) -> Iterator:
         if not r.ok:
             output.error(r.message)  # one line per bad image, whatever --quiet says
         yield r
-
-
-def _record(r, labels) -> dict:
-    """One image's JSONL record: classify's, plus its true class and whether it was right."""
-    rec: dict = {"path": r.path}
-    if r.target >= 0:
-        rec.update(target=r.target, target_label=labels[r.target])
-    if not r.ok:
-        rec["error"] = r.error
-        return rec
-    rec["correct"] = r.target_rank == 1
-    rec["target_rank"] = r.target_rank  # among the predictions; null when beyond them
-    rec["predictions"] = [p.to_record() for p in r.predictions]
-    if r.notes:
-        rec["notes"] = list(r.notes)
-    return rec
-
-
-def _write_jsonl(path: Path, records: Iterable[dict]) -> None:
-    """Written beside `path`, renamed over it once complete (nothing left on failure)."""
-    from ..checkpoints.writing import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-
-
-def _write_shard(records: Iterable[dict], stem: Path) -> None:
-    with open(stem.with_suffix(".jsonl"), "w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-
-
-def _read_shard(stem: Path) -> Iterator[dict]:
-    with open(stem.with_suffix(".jsonl"), encoding="utf-8") as fh:
-        for line in fh:
-            yield json.loads(line)
 
 
 _MAX_FAILED_SHOWN = 20

@@ -14,6 +14,7 @@ dropped silently. Nothing here prints.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import re
@@ -21,14 +22,17 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from . import distributed
-from .checkpoints.loading import imagenet_wnids
-from .engine import ImageOptions, Prediction, Result, classify
-from .errors import EXIT_DATA, DeiTError, InputNotFound, UsageError
-from .images import IMAGE_EXTENSIONS, InputItem, iter_inputs
+from .. import distributed
+from ..config import imagenet_wnids
+from ..errors import EXIT_DATA, DeiTError, InputNotFound, UsageError
+from ..files import atomic_path, input_error
+from ..images.inputs import IMAGE_EXTENSIONS, InputItem, iter_inputs
+from .classify import Prediction, classify, default_head
+from .results import ImageOptions, Result
 
 __all__ = [
     "LABEL_KINDS",
@@ -162,14 +166,10 @@ def read_label_list(path: str | os.PathLike) -> list[tuple[str, str, int]]:
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             text = f.read()
-    except FileNotFoundError:
-        raise InputNotFound(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InputNotFound(f"{path}: is a directory, not a list file") from None
     except UnicodeDecodeError:
         raise LabelError(f"{path}: not a UTF-8 text file (a list file is CSV/TSV `path,label`)") from None
     except OSError as e:
-        raise InputNotFound(f"{path}: cannot read ({e.strerror or e})") from None
+        raise input_error(path, e) from None
 
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1)
              if line.strip() and not line.lstrip().startswith("#")]  # fmt: skip
@@ -336,13 +336,13 @@ def parse_top(spec: str | Sequence[int], num_classes: int | None = None) -> tupl
         try:
             ks = [int(p) for p in spec.replace(" ", "").split(",") if p]
         except ValueError:
-            raise UsageError(f"--top must be a comma-separated list of integers, not {spec!r}") from None
+            raise UsageError(f"--topk must be a comma-separated list of integers, not {spec!r}") from None
     else:
         ks = list(spec)
     if not ks or min(ks) < 1:
-        raise UsageError(f"--top needs positive integers, not {spec!r}")
+        raise UsageError(f"--topk needs positive integers, not {spec!r}")
     if num_classes is not None and max(ks) > num_classes:
-        raise UsageError(f"--top {max(ks)} is more than the model's {num_classes} classes")
+        raise UsageError(f"--topk {max(ks)} is more than the model's {num_classes} classes")
     return tuple(sorted(set(ks)))
 
 
@@ -502,3 +502,60 @@ def evaluate(
     for _ in metrics.counting(results):
         pass
     return metrics.reduced()
+
+
+def summary(
+    model, lset: LabelledSet, metrics: EvalMetrics, *, head: str | None = None, per_class: bool = False,
+    confused: int = 10, predictions: str | os.PathLike | None = None,
+) -> dict:  # fmt: skip
+    """The whole result of an evaluation as one record: what `deit eval --json` prints."""
+    out = {
+        "model": str(model.source),
+        "set": lset.source,
+        "label_by": lset.label_by,
+        "classes": len(set(lset.classes.values())),
+        "head": head or default_head(model.config),
+        "top": list(metrics.ks),
+        **metrics.to_dict(model.labels, classes=lset.classes, per_class=per_class, confused=confused),
+    }
+    if model.variant is not None:
+        out["published"] = {"variant": model.variant.name, "top1": model.variant.top1, "top5": model.variant.top5}
+    if predictions is not None:
+        out["predictions"] = os.fspath(predictions)
+    return out
+
+
+def prediction_record(r: ImageResult, labels: Sequence[str]) -> dict:
+    """One image's record in `--predictions`: classify's, plus its true class and whether
+    it was right."""
+    rec: dict = {"path": r.path}
+    if r.target >= 0:
+        rec.update(target=r.target, target_label=labels[r.target])
+    if not r.ok:
+        rec["error"] = r.error
+        return rec
+    rec["correct"] = r.target_rank == 1
+    rec["target_rank"] = r.target_rank  # among the predictions; null when beyond them
+    rec["predictions"] = [p.to_record() for p in r.predictions]
+    if r.notes:
+        rec["notes"] = list(r.notes)
+    return rec
+
+
+def write_jsonl(path: Path, records: Iterable[dict]) -> None:
+    """Records as JSON lines, written beside `path` and renamed over it once complete."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def write_shard(records: Iterable[dict], stem: Path) -> None:
+    with open(stem.with_suffix(".jsonl"), "w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def read_shard(stem: Path) -> Iterator[dict]:
+    with open(stem.with_suffix(".jsonl"), encoding="utf-8") as fh:
+        for line in fh:
+            yield json.loads(line)

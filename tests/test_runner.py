@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import images, randomize
 
-from deit_cli import accel
+from deit_cli.engine import runner as runner_module
 from deit_cli.model import DeiT, DeiTConfig
 
 TOL = 1e-4
@@ -45,12 +45,12 @@ ARCHS = {
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("linear", ["onednn", "aten"])
 def test_fp32_paths_match_the_model(arch, linear):
-    if linear == "onednn" and not accel._onednn_ok(torch.float32):
+    if linear == "onednn" and not runner_module._onednn_ok(torch.float32):
         pytest.skip("no oneDNN in this torch build")
     model = small(**ARCHS[arch])
     x = images(3, 64)
     tokens, heads = reference(model, x)
-    fast = accel.FastDeiT(model, device=torch.device("cpu"), dtype=torch.float32, linear=linear)
+    fast = runner_module.FastDeiT(model, device=torch.device("cpu"), dtype=torch.float32, linear=linear)
     with torch.no_grad():
         assert max_diff(fast.features(x), tokens) <= TOL
         for head, logits in heads.items():
@@ -62,8 +62,8 @@ def test_prepare_picks_the_fast_cpu_path_and_keeps_the_contract():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = images(2, 64)
     tokens, heads = reference(model, x)
-    runner = accel.prepare(model, device="cpu", dtype="fp32")
-    assert runner.path == ("cpu-onednn" if accel._onednn_ok(torch.float32) else "cpu-eager")
+    runner = runner_module.prepare(model, device="cpu", dtype="fp32")
+    assert runner.path == ("cpu-onednn" if runner_module._onednn_ok(torch.float32) else "cpu-eager")
     assert runner.config is model.config and runner.model is model
     out = runner(x)
     assert out.dtype == torch.float32 and out.shape == (2, 100)
@@ -77,7 +77,7 @@ def test_prepare_picks_the_fast_cpu_path_and_keeps_the_contract():
 
 def test_any_batch_size_through_one_runner():
     model = small()
-    runner = accel.prepare(model, device="cpu")
+    runner = runner_module.prepare(model, device="cpu")
     for n in (1, 5, 2):
         x = images(n, 64, seed=n)
         _, heads = reference(model, x)
@@ -86,7 +86,7 @@ def test_any_batch_size_through_one_runner():
 
 def _low_precision_report(dtype: str, model: DeiT, x: torch.Tensor, **kw):
     _, heads = reference(model, x)
-    runner = accel.prepare(model, device="cpu", dtype=dtype, **kw)
+    runner = runner_module.prepare(model, device="cpu", dtype=dtype, **kw)
     out = runner(x)
     ref = heads["avg"]
     diff = max_diff(out, ref)
@@ -98,7 +98,7 @@ def _low_precision_report(dtype: str, model: DeiT, x: torch.Tensor, **kw):
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_reduced_precision_stays_close(dtype):
-    if dtype == "fp16" and not accel._onednn_ok(torch.float16):
+    if dtype == "fp16" and not runner_module._onednn_ok(torch.float16):
         pytest.skip("fp16 is emulated on this CPU")
     model = small(embed_dim=96, depth=4, num_heads=3)
     x = images(32, 64, seed=1)
@@ -113,7 +113,7 @@ def test_compile_path_matches_the_model():
     model = small(depth=2)
     x = images(2, 64)
     tokens, heads = reference(model, x)
-    runner = accel.prepare(model, device="cpu", compile=True)
+    runner = runner_module.prepare(model, device="cpu", compile=True)
     assert runner.path.startswith("inductor")
     assert max_diff(runner(x), heads["avg"]) <= TOL
     assert max_diff(runner.features(x), tokens) <= TOL
@@ -126,11 +126,11 @@ def test_cuda_graph_path_matches_the_model():
     model = small()
     x = images(4, 64)
     tokens, heads = reference(model, x)
-    runner = accel.prepare(model, device="cuda", dtype="fp32")
+    runner = runner_module.prepare(model, device="cuda", dtype="fp32")
     assert runner.path == "cuda-graphs"
     for _ in range(2):  # capture, then replay
         assert max_diff(runner(x).cpu(), heads["avg"]) <= 1e-3
     assert max_diff(runner.features(x).cpu(), tokens) <= 1e-3
-    bf = accel.prepare(model, device="cuda", dtype="bf16")
+    bf = runner_module.prepare(model, device="cuda", dtype="bf16")
     out = bf(x).cpu()
     assert (out.argmax(-1) == heads["avg"].argmax(-1)).float().mean() >= 0.75

@@ -1,0 +1,46 @@
+"""Engine: every job `deit` does, as functions and generators of result dataclasses.
+
+    runner.py    the fast inference paths (prepare), resolve_device / resolve_dtype
+    results.py   ImageOptions, the per-image Result, the batched loop the jobs share
+    classify.py  classify: the top classes of each image
+    features.py  extract_features, pools, and the .npy/.safetensors/.jsonl writers
+    evaluate.py  labelled sets, top-k metrics across processes, the eval summary
+    bench.py     throughput, latency, memory; peers.py: timm and transformers beside it
+
+Nothing here prints or parses flags: the CLI (and the server) render what these return.
+A library user can do from here whatever the CLI does. Names are imported lazily; the
+job functions are in their modules (`from deit_cli.engine.classify import classify`).
+"""
+
+from __future__ import annotations
+
+_LAZY = {
+    "prepare": "runner",
+    "resolve_device": "runner",
+    "resolve_dtype": "runner",
+    "ImageOptions": "results",
+    "Result": "results",
+    "Prediction": "classify",
+    "Classification": "classify",
+    "default_head": "classify",
+    "Features": "features",
+    "extract_features": "features",
+    "default_pool": "features",
+    "pool_tokens": "features",
+    "feature_shape": "features",
+    "write_features": "features",
+    "scan_set": "evaluate",
+    "labelled_set": "evaluate",
+    "BenchSpec": "bench",
+    "run_bench": "bench",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,40 @@
+"""Images: find the inputs, decode them safely, apply the evaluation transform, batch them.
+
+    inputs.py     discovery: files, directories, globs, URLs, stdin (no torch, no Pillow)
+    decode.py     safe decoding: magic bytes, URL fetching, Pillow's guards
+    transform.py  the published evaluation transform
+    batches.py    decoding in threads, batches in input order
+
+This layer knows nothing about checkpoints, models or the terminal. Every failure of
+one input is data (an `InputItem.error`, an `ImageError`, an entry in `Batch.failed`),
+never a reason to stop the others. Names are imported lazily, so that importing
+`deit_cli.images.inputs` does not import torch or Pillow.
+"""
+
+from __future__ import annotations
+
+_LAZY = {
+    "IMAGE_EXTENSIONS": "inputs",
+    "InputItem": "inputs",
+    "iter_inputs": "inputs",
+    "ALLOWED_FORMATS": "decode",
+    "DEFAULT_MAX_PIXELS": "decode",
+    "Decoded": "decode",
+    "ImageError": "decode",
+    "ImageNotFound": "decode",
+    "decode_image": "decode",
+    "EvalTransform": "transform",
+    "eval_transform": "transform",
+    "Batch": "batches",
+    "iter_batches": "batches",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
