@@ -8,6 +8,7 @@ Importing this package does not import torch; the first use of `load_model`, `De
 or `DeiTConfig` does (so `deit --help` stays fast).
 """
 
+from ._lazy import lazy_getattr
 from ._version import __version__
 
 _LAZY = {
@@ -18,11 +19,4 @@ _LAZY = {
 }
 
 __all__ = ["__version__", *_LAZY]
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'deit_cli' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

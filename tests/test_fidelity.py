@@ -210,3 +210,28 @@ def test_reduced_precision_and_device_arguments(tmp_path):
         base = ref(x)
     assert (ours.argmax(-1) == base.argmax(-1)).float().mean() >= 0.75
     assert max_diff(ours, base) < 0.25 * base.abs().max().item()
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_distilled_patch16_224", "deit_tiny_patch16_224"])
+def test_pools_mean_what_timm_means(tmp_path, name):
+    """--pool avg is timm's global_pool="avg" (the patch tokens' mean), --pool token is
+    timm's forward_head(pre_logits=True)."""
+    from deit_cli.engine.features import pool_tokens
+
+    ref = timm_model(name)
+    torch.save(ref.state_dict(), tmp_path / "t.pth")
+    model = deit_cli.load_model(str(tmp_path / "t.pth"))
+    # timm's pooling on the final-normed tokens (fc_norm=False; with its default fc_norm
+    # it moves the norm after the pooling: another model)
+    avg_ref = timm_model(name, global_pool="avg", fc_norm=False) if "distilled" not in name else None
+    x = images(2)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        ref_tokens = ref.forward_features(x)
+        token = pool_tokens(tokens, "token", model.config)
+        assert max_diff(token, ref.forward_head(ref_tokens, pre_logits=True)) <= TOL
+        avg = pool_tokens(tokens, "avg", model.config)
+        assert max_diff(avg, ref_tokens[:, model.config.num_prefix_tokens :].mean(1)) <= TOL
+        if avg_ref is not None:  # the same weights under global_pool="avg"
+            avg_ref.load_state_dict(ref.state_dict())
+            assert max_diff(avg, avg_ref.forward_head(avg_ref.forward_features(x), pre_logits=True)) <= TOL

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -306,3 +307,33 @@ def test_is_cached(fake_hub, repos, kind):
     assert not hub.is_cached(REPO, "v1")
     assert not hub.is_cached("facebook/other")
     assert fake_hub.count() == 0
+
+
+# --- an unreachable hub, as a user meets it: one line, fast, exit 69 ---------------------
+
+
+@pytest.mark.parametrize("endpoint", ["refused", "http://hub.does-not-resolve.invalid"])
+def test_unreachable_hub_is_one_line_and_fast(tmp_path, endpoint):
+    """No fast_retries here: huggingface_hub's own retry timing, as users get it."""
+    import socket
+    import subprocess
+
+    from PIL import Image
+
+    if endpoint == "refused":
+        with socket.socket() as s:  # a port that was free a moment ago: nothing listens
+            s.bind(("127.0.0.1", 0))
+            endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    image = tmp_path / "bird.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(image)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=endpoint)
+    start = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "deit_cli", "classify", str(image)], capture_output=True, text=True,
+                       env=env, timeout=120)  # fmt: skip
+    took = time.monotonic() - start
+    assert p.returncode == 69, p.stderr
+    assert p.stdout == ""
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "hub unreachable" in lines[0], p.stderr
+    assert took < 5, f"{took:.1f} s"

@@ -14,6 +14,8 @@ job functions are in their modules (`from deit_cli.engine.classify import classi
 
 from __future__ import annotations
 
+from .._lazy import lazy_getattr
+
 _LAZY = {
     "prepare": "runner",
     "resolve_device": "runner",
@@ -36,11 +38,4 @@ _LAZY = {
 }
 
 __all__ = list(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -13,6 +13,8 @@ never a reason to stop the others. Names are imported lazily, so that importing
 
 from __future__ import annotations
 
+from .._lazy import lazy_getattr
+
 _LAZY = {
     "IMAGE_EXTENSIONS": "inputs",
     "InputItem": "inputs",
@@ -30,11 +32,4 @@ _LAZY = {
 }
 
 __all__ = list(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
