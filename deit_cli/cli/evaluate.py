@@ -85,21 +85,11 @@ def evaluate(
             for name in lset.empty_classes:
                 output.warn(f"class folder {name!r} has no images")
         chosen_head = head.value if head else None
-        entries = ev.set_entries(lset)
-        metrics = ev.EvalMetrics(net.config.num_classes, ks)
-        with output.ProgressBar(show, "evaluating", len(entries)) as bar:
-            results = bar.wrap(_warning_failures(metrics.counting(ev.iter_results(
-                net, entries, top=max(ks), head=chosen_head, device=device, dtype=dtype, options=options))))
-            records = (ev.prediction_record(r, net.labels) for r in results)
-            if predictions is None:
-                for _ in records:
-                    pass
-            elif not distributed.is_distributed():
-                ev.write_jsonl(predictions, records)
-            else:
-                with distributed.merged_shards(records, ev.write_shard, ev.read_shard, near=predictions) as merged:
-                    if merged is not None:
-                        ev.write_jsonl(predictions, merged)
+        metrics, results = ev.evaluation(net, lset, ks=ks, head=chosen_head, device=device, dtype=dtype,
+                                         options=options)  # fmt: skip
+        rank, size = distributed.world()
+        with output.ProgressBar(show, "evaluating", len(range(rank, len(lset), size))) as bar:  # this rank's share
+            ev.write_predictions(bar.wrap(_warning_failures(results)), net.labels, predictions)
         metrics = metrics.reduced()
     if not distributed.is_main():
         raise typer.Exit(EXIT_OK)  # rank 0 reports for every rank

@@ -496,12 +496,38 @@ def evaluate(
     Under torchrun, call it inside `distributed.init()`: each rank takes its share and
     the metrics returned are every rank's, summed.
     """
+    metrics, results = evaluation(model, lset, ks=ks, head=head, device=device, dtype=dtype, options=options)
+    for _ in results:
+        pass
+    return metrics.reduced()
+
+
+def evaluation(
+    model, lset: LabelledSet, *, ks: Sequence[int] = (1, 5), head: str | None = None, device: str = "cpu",
+    dtype: str | None = None, options: ImageOptions | None = None,
+) -> tuple[EvalMetrics, Iterator[ImageResult]]:  # fmt: skip
+    """`evaluate` as it runs: this process's metrics, and its results, which add to the
+    metrics as they are consumed (for a progress bar, or a predictions file on the way).
+    Call `metrics.reduced()` once they are consumed."""
     metrics = EvalMetrics(model.config.num_classes, ks)
     results = iter_results(model, set_entries(lset), top=max(ks), head=head, device=device, dtype=dtype,
                            options=options)  # fmt: skip
-    for _ in metrics.counting(results):
-        pass
-    return metrics.reduced()
+    return metrics, metrics.counting(results)
+
+
+def write_predictions(results: Iterable[ImageResult], labels: Sequence[str], path: Path | None) -> None:
+    """Consume `results`, writing each image's `prediction_record` to `path` as JSON lines
+    (atomically; under torchrun rank 0 writes every rank's, in input order)."""
+    records = (prediction_record(r, labels) for r in results)
+    if path is None:
+        for _ in records:
+            pass
+    elif not distributed.is_distributed():
+        write_jsonl(path, records)
+    else:
+        with distributed.merged_shards(records, _write_shard, _read_shard, near=path) as merged:
+            if merged is not None:
+                write_jsonl(path, merged)
 
 
 def summary(
@@ -549,13 +575,13 @@ def write_jsonl(path: Path, records: Iterable[dict]) -> None:
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
-def write_shard(records: Iterable[dict], stem: Path) -> None:
+def _write_shard(records: Iterable[dict], stem: Path) -> None:
     with open(stem.with_suffix(".jsonl"), "w", encoding="utf-8") as fh:
         for rec in records:
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
-def read_shard(stem: Path) -> Iterator[dict]:
+def _read_shard(stem: Path) -> Iterator[dict]:
     with open(stem.with_suffix(".jsonl"), encoding="utf-8") as fh:
         for line in fh:
             yield json.loads(line)
