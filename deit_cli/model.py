@@ -82,6 +82,8 @@ class DeiT(nn.Module):
         self.preprocessing = None  # a variants.Preprocessing
         self.source: str | None = None  # what the user named
         self.origin: str | None = None  # where the weights first came from
+        self.multi_label = False  # sigmoid scores, any number of labels per image (set by load_model)
+        self.threshold = 0.5  # multi-label: the score at or above which a label is predicted
         self.variant = None  # the registry's variants.Variant when the architecture is a released one
         self.layout: str | None = None  # the layout the weights were read from
         self.init_weights()

@@ -21,6 +21,11 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 # Keys of our own safetensors metadata (`deit convert --to deit`).
 META_CONFIG, META_LABELS, META_SOURCE = "deit.config", "deit.labels", "deit.source"
+# A multi-label model ("true") and the score at or above which a label is predicted.
+META_MULTI_LABEL, META_THRESHOLD = "deit.multi_label", "deit.threshold"
+HF_MULTI_LABEL = "multi_label_classification"  # transformers' config.json `problem_type`
+HF_THRESHOLD = "deit_threshold"  # our key in a transformers config.json (transformers keeps it)
+DEFAULT_THRESHOLD = 0.5
 
 
 class DeiTWarning(UserWarning):
@@ -39,6 +44,8 @@ class Checkpoint:
     path: Path
     variant: Variant | None
     origin: str = ""  # where the weights first came from (recorded by `deit convert`), else `source`
+    multi_label: bool = False  # sigmoid scores, any number of labels per image
+    threshold: float = DEFAULT_THRESHOLD  # multi-label: the score at or above which a label is predicted
 
 
 def resolve_source(source: str) -> tuple[Path, Path | None, Variant | None]:
@@ -118,7 +125,23 @@ def read_checkpoint(source: str = DEFAULT_MODEL) -> Checkpoint:
         raise CheckpointError(f"{weights}: {len(labels)} labels for {config.num_classes} classes")
     variant = variant or variant_for_config(config)
     origin = metadata.get(META_SOURCE) or source
-    return Checkpoint(sd, config, labels, layout, source, weights, variant, origin)
+    multi_label, threshold = _multi_label(metadata, hf_cfg, weights)
+    return Checkpoint(sd, config, labels, layout, source, weights, variant, origin, multi_label, threshold)
+
+
+def _multi_label(metadata: dict[str, str], hf_cfg: dict, weights: Path) -> tuple[bool, float]:
+    """(multi-label?, threshold) from our metadata, else a transformers config."""
+    if META_MULTI_LABEL in metadata:
+        multi, raw = metadata[META_MULTI_LABEL] == "true", metadata.get(META_THRESHOLD, DEFAULT_THRESHOLD)
+    else:
+        multi, raw = hf_cfg.get("problem_type") == HF_MULTI_LABEL, hf_cfg.get(HF_THRESHOLD, DEFAULT_THRESHOLD)
+    try:
+        threshold = float(raw)
+    except (TypeError, ValueError):
+        threshold = -1.0
+    if not 0.0 <= threshold <= 1.0:
+        raise CheckpointError(f"{weights}: the multi-label threshold {raw!r} is not a number in [0, 1]")
+    return multi, threshold
 
 
 def build_model(ckpt: Checkpoint, *, image_size: int | None = None) -> DeiT:
@@ -143,6 +166,7 @@ def build_model(ckpt: Checkpoint, *, image_size: int | None = None) -> DeiT:
     model.preprocessing = replace(pre, image_size=config.image_size) if pre.image_size != config.image_size else pre
     model.source = ckpt.source
     model.origin = ckpt.origin or ckpt.source
+    model.multi_label, model.threshold = ckpt.multi_label, ckpt.threshold
     model.variant = ckpt.variant
     model.layout = ckpt.layout
     return model

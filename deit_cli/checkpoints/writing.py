@@ -17,7 +17,10 @@ from ..files import atomic_path, check_destination, same_path
 from ..model import DeiT
 from . import layouts
 from ..engine.runner import resolve_dtype
-from .loading import META_CONFIG, META_LABELS, META_SOURCE, DeiTWarning, build_model, read_checkpoint
+from .loading import (
+    HF_MULTI_LABEL, HF_THRESHOLD, META_CONFIG, META_LABELS, META_MULTI_LABEL, META_SOURCE, META_THRESHOLD,
+    DeiTWarning, build_model, read_checkpoint,
+)  # fmt: skip
 
 TARGETS = ("deit", "timm", "hf")
 # (atol, rtol) of the logit check per stored dtype: reduced precision moves logits a little.
@@ -55,12 +58,18 @@ def canonical_tensors(model: DeiT, dtype: torch.dtype) -> dict[str, torch.Tensor
 
 
 def deit_metadata(model: DeiT) -> dict[str, str]:
-    return {
+    """Our safetensors metadata: the config, labels, source and, for a multi-label model,
+    that it is one and its threshold."""
+    meta = {
         "format": "pt",
         META_CONFIG: json.dumps(model.config.to_dict()),
         META_LABELS: json.dumps(model.labels),
-        META_SOURCE: str(model.origin or model.source),
+        META_SOURCE: str(getattr(model, "origin", None) or model.source),
     }
+    if getattr(model, "multi_label", False):
+        meta[META_MULTI_LABEL] = "true"
+        meta[META_THRESHOLD] = repr(float(model.threshold))
+    return meta
 
 
 def write_hf(path: Path, model: DeiT, dtype: torch.dtype) -> str:
@@ -90,6 +99,9 @@ def write_hf(path: Path, model: DeiT, dtype: torch.dtype) -> str:
     if cfg.num_classes:
         config["id2label"] = {str(i): label for i, label in enumerate(model.labels)}
         config["label2id"] = {label: i for i, label in enumerate(model.labels)}
+    if getattr(model, "multi_label", False):
+        config["problem_type"] = HF_MULTI_LABEL
+        config[HF_THRESHOLD] = float(model.threshold)
     # transformers' processor can only squash to a square; the original evaluation keeps
     # the aspect ratio (deit's own transform does that).
     size = pre.resize_size if pre else int(cfg.image_size / 0.875)

@@ -29,7 +29,10 @@ def classify(
     model: ModelOpt = DEFAULT_MODEL_NAME,
     top: TopOpt = 5,
     head: HeadOpt = None,
-    scores: Annotated[Scores, typer.Option("--scores", help="prob (softmax) or logit.")] = Scores.prob,
+    scores: Annotated[Scores, typer.Option("--scores", help="prob (softmax; sigmoid for a multi-label model) or logit.")] = Scores.prob,
+    threshold: Annotated[float | None, typer.Option(
+        "--threshold", help="Multi-label models: report the labels scoring at least this (default: the model's).",
+    )] = None,
     format_: FormatOpt = None,
     json_: JsonOpt = False,
     batch_size: BatchSizeOpt = 32,
@@ -63,9 +66,12 @@ def classify(
         items = prefetch(inputs, items, counted=show)
         chosen_head = head.value if head else engine.default_head(net.config)
         extra = {"model": str(net.source), "head": chosen_head}
+        if net.multi_label:
+            extra["threshold"] = net.threshold if threshold is None else threshold
         with output.ProgressBar(show, "classifying", len(items) if isinstance(items, list) else None) as bar:
             results = bar.wrap(engine.classify(net, items, top=top, head=chosen_head, scores=scores.value,
-                                               device=device, dtype=dtype, options=options))  # fmt: skip
+                                               threshold=threshold, device=device, dtype=dtype,
+                                               options=options))  # fmt: skip
             if not distributed.is_distributed():
                 code = render(results, fmt, extra, scores.value, before_table=bar.stop)
             else:
@@ -101,6 +107,8 @@ def _rows(results: Iterable) -> Iterable[dict]:
         if not r.ok:
             yield {"path": r.path, "error": r.error}
             continue
+        if not r.predictions:  # multi-label: nothing over the threshold
+            yield {"path": r.path}
         for p in r.predictions:
             yield {"path": r.path, "rank": p.rank, "index": p.index, "label": p.label, "score": repr(p.score)}
 
@@ -123,7 +131,8 @@ def _write_tables(results: list, scores: str) -> None:
     heading = "probability" if scores == "prob" else "logit"
     if len(results) <= FEW:
         for r in good:
-            table = Table(title=escape(r.path), title_justify="left", caption="; ".join(r.notes) or None,
+            notes = [*r.notes, *([] if r.predictions else ["no label at or above the threshold"])]
+            table = Table(title=escape(r.path), title_justify="left", caption="; ".join(notes) or None,
                           caption_justify="left")  # fmt: skip
             table.add_column("#", justify="right")
             table.add_column("label")
@@ -143,6 +152,9 @@ def _write_tables(results: list, scores: str) -> None:
     for r in results:
         if not r.ok:
             table.add_row(escape(r.path), "[red]error[/]", "", f"[red]{escape(r.error)}[/]")
+            continue
+        if not r.predictions:  # multi-label: nothing over the threshold
+            table.add_row(escape(r.path), "[dim](none)[/]", "", "")
             continue
         best, rest = r.predictions[0], r.predictions[1:4]
         others = ", ".join(f"{escape(p.label)} {_score(p.score, scores)}" for p in rest)

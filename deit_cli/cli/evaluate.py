@@ -43,6 +43,9 @@ def evaluate(
     predictions: Annotated[Path | None, typer.Option(
         "--predictions", help="Write every image's prediction to this JSONL file.")] = None,
     force: ForceOpt = False,
+    threshold: Annotated[float | None, typer.Option(
+        "--threshold", help="Multi-label models: a label is predicted at or above this score (default: the model's).",
+    )] = None,
     head: HeadOpt = None,
     batch_size: BatchSizeOpt = 32,
     device: DeviceOpt = "auto",
@@ -85,21 +88,32 @@ def evaluate(
             for name in lset.empty_classes:
                 output.warn(f"class folder {name!r} has no images")
         chosen_head = head.value if head else None
-        metrics, results = ev.evaluation(net, lset, ks=ks, head=chosen_head, device=device, dtype=dtype,
-                                         options=options)  # fmt: skip
+        multi = net.multi_label or lset.multi_label
+        if multi:
+            metrics, results = ev.multi_label_evaluation(net, lset, threshold=threshold, head=chosen_head,
+                                                         device=device, dtype=dtype, options=options)  # fmt: skip
+        else:
+            metrics, results = ev.evaluation(net, lset, ks=ks, head=chosen_head, device=device, dtype=dtype,
+                                             options=options)  # fmt: skip
         rank, size = distributed.world()
         with output.ProgressBar(show, "evaluating", len(range(rank, len(lset), size))) as bar:  # this rank's share
-            ev.write_predictions(bar.wrap(_warning_failures(results)), net.labels, predictions)
+            ev.write_predictions(bar.wrap(_warning_failures(results)), net.labels, predictions,
+                                 threshold=metrics.threshold if multi else None)  # fmt: skip
         metrics = metrics.reduced()
     if not distributed.is_main():
         raise typer.Exit(EXIT_OK)  # rank 0 reports for every rank
 
-    summary = ev.summary(net, lset, metrics, head=chosen_head, per_class=per_class, confused=confused,
-                         predictions=predictions)  # fmt: skip
+    if multi:
+        summary = ev.multi_label_summary(net, lset, metrics, per_class=per_class, predictions=predictions)
+    else:
+        summary = ev.summary(net, lset, metrics, head=chosen_head, per_class=per_class, confused=confused,
+                             predictions=predictions)  # fmt: skip
     if fmt == "json":
         output.write_json(summary)
     elif fmt == "jsonl":
         output.write_jsonl(summary)
+    elif multi:
+        _render_multi_label(summary)
     else:
         _render(summary, ks)
     if not metrics.images:
@@ -168,6 +182,44 @@ def _render(s: dict, ks) -> None:
         console.print(table)
         if len(s["failed_images"]) > _MAX_FAILED_SHOWN:
             console.print(f"... and {len(s['failed_images']) - _MAX_FAILED_SHOWN} more (all of them with --json)")
+
+
+def _frac(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def _render_multi_label(s: dict) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = output.stdout_console()
+    head = Table(title=escape(f"deit eval: {s['set']} (multi-label)"), title_justify="left", show_header=False,
+                 box=None)  # fmt: skip
+    head.add_column(style="bold")
+    head.add_column()
+    head.add_row("model", escape(s["model"]))
+    head.add_row("classes", str(s["classes"]))
+    head.add_row("images", f"{s['images']:,}" + (f"   failed {s['failed']:,}" if s["failed"] else ""))
+    head.add_row("threshold", f"{s['threshold']:g}")
+    head.add_row("mAP", f"[bold]{_frac(s['map'])}[/]")
+    head.add_row("F1", f"micro {_frac(s['f1_micro'])}   macro {_frac(s['f1_macro'])}")
+    head.add_row("IoU", f"micro {_frac(s['iou_micro'])}   macro {_frac(s['iou_macro'])}")
+    console.print(head)
+    if s.get("per_class"):
+        table = Table(title="per class", title_justify="left")
+        for col in ("index", "label", "positives", "predicted", "AP", "F1", "IoU"):
+            table.add_column(col, justify="left" if col == "label" else "right")
+        for r in s["per_class"]:
+            table.add_row(str(r["index"]), escape(r["label"]), str(r["positives"]), str(r["predicted"]),
+                          _frac(r["ap"]), _frac(r["f1"]), _frac(r["iou"]))  # fmt: skip
+        console.print(table)
+    if s["failed_images"]:
+        table = Table(title="failed images", title_justify="left")
+        table.add_column("path")
+        table.add_column("error")
+        for f in s["failed_images"][:_MAX_FAILED_SHOWN]:
+            table.add_row(escape(f["path"]), escape(f["error"]))
+        console.print(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -70,12 +70,17 @@ def classify(
     top: int = 5,
     head: str | None = None,
     scores: str = "prob",
+    threshold: float | None = None,
     device: str = "cpu",
     dtype: str | None = None,
     options: ImageOptions = ImageOptions(),
 ) -> Iterator[Classification]:
     """The `top` classes of each input, best first, with probabilities (or logits), in input
-    order. `head`: avg (default for distilled models), cls or dist."""
+    order. `head`: avg (default for distilled models), cls or dist.
+
+    A multi-label model scores each class with a sigmoid and gives the classes whose score
+    is at or above `threshold` (default: the model's), at most `top` of them; an image with
+    none over it gets an empty list."""
     cfg = model.config
     if cfg.num_classes == 0 or model.head is None:
         raise UsageError("this model has no classifier head", "use extract-features instead")
@@ -88,23 +93,33 @@ def classify(
         raise UsageError(f"unknown scores {scores!r}; use prob or logit")
     if top < 1:
         raise UsageError("--top must be at least 1")
+    multi = bool(getattr(model, "multi_label", False))
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise UsageError(f"--threshold must be in [0, 1], not {threshold:g}")
+    cut = (model.threshold if threshold is None else threshold) if multi else None
     k = min(top, cfg.num_classes)
     labels = list(model.labels)
     runner = prepare(model, device=device, dtype=dtype)
 
-    def compute(x: torch.Tensor) -> list[tuple[list[float], list[int]]]:
+    def compute(x: torch.Tensor) -> list[tuple[list[float], list[int], list[bool]]]:
         logits = runner.logits(x, head)  # (B, classes) float32
-        values = logits.softmax(dim=-1) if scores == "prob" else logits
-        best = values.topk(k, dim=-1)
-        return list(zip(best.values.cpu().tolist(), best.indices.cpu().tolist()))
+        if multi:
+            probs = logits.sigmoid()
+            best = (probs if scores == "prob" else logits).topk(k, dim=-1)
+            keep = probs.gather(1, best.indices) >= cut  # the sigmoid decides, whatever is reported
+        else:
+            best = (logits.softmax(dim=-1) if scores == "prob" else logits).topk(k, dim=-1)
+            keep = torch.ones_like(best.indices, dtype=torch.bool)
+        return list(zip(best.values.cpu().tolist(), best.indices.cpu().tolist(), keep.cpu().tolist()))
 
     def results() -> Iterator[Classification]:
         for pos, item, row, err, notes in run_batches(model, items, options, compute):
             if err is not None:
                 yield Classification(pos, item.path, reason(item.path, err))
                 continue
-            vals, idxs = row
-            preds = [Prediction(r, i, labels[i], v) for r, (v, i) in enumerate(zip(vals, idxs), 1)]
+            vals, idxs, keep = row
+            chosen = [(v, i) for v, i, kept in zip(vals, idxs, keep) if kept]
+            preds = [Prediction(r, i, labels[i], v) for r, (v, i) in enumerate(chosen, 1)]
             yield Classification(pos, item.path, None, list(notes), preds)
 
     return results()  # a generator, but the checks above run at the call

@@ -78,10 +78,16 @@ class ScannedSet:
 
     source: str
     layout: str  # "folders" or "list"
-    entries: list[tuple[InputItem, str | None]]
+    entries: list[tuple[InputItem, str | list[str] | None]]  # a list of labels: multi-label
     class_names: list[str]
     empty_classes: list[str] = field(default_factory=list)
     lines: dict[str, int] = field(default_factory=dict)  # list files: label -> first line
+
+    @property
+    def multi_label(self) -> bool:
+        """Any image with a list of labels (JSONL `"label": [...]`, CSV `a|b`) makes a
+        multi-label set."""
+        return any(isinstance(label, list) for _, label in self.entries)
 
 
 @dataclass
@@ -96,6 +102,11 @@ class LabelledSet:
     targets: list[int]
     classes: dict[str, int]  # class name as the set writes it -> class index
     empty_classes: list[str]
+    target_sets: list[list[int]] | None = None  # multi-label: each image's classes (maybe none)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.target_sets is not None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -154,13 +165,17 @@ def _scan_folders(root: str) -> ScannedSet:
     return ScannedSet(root, "folders", entries, [d.name for d in class_dirs], empty)
 
 
-def read_label_list(path: str | os.PathLike) -> list[tuple[str, str, int]]:
-    """(path, label, line number) rows of a list file.
+def read_label_list(path: str | os.PathLike) -> list[tuple[str, str | list[str], int]]:
+    """(path, label or labels, line number) rows of a list file.
 
+    JSONL (`.jsonl`): one object per line, the image in `image_url` or `path`, its label in
+    `label`: a string, or a list of strings for a multi-label set (the Azure form).
     CSV (`.csv`), TSV (`.tsv`), or for any other name the first data line decides: a tab,
     a comma, else whitespace (`path label`, the path may hold spaces). Blank lines and
     `#` comments are skipped; a first line naming its columns (path/file/image and
-    label/class/target/wnid...) is a header, and then those columns are used.
+    label/class/target/wnid...) is a header, and then those columns are used. A label
+    holding `|` is a list of labels (multi-label); an empty field after a `|`-list header
+    is no label at all (a negative example).
     """
     path = os.fspath(path)
     try:
@@ -176,6 +191,8 @@ def read_label_list(path: str | os.PathLike) -> list[tuple[str, str, int]]:
     if not lines:
         return []
     ext = os.path.splitext(path)[1].lower()
+    if ext == ".jsonl":
+        return [_jsonl_row(path, n, line) for n, line in lines]
     first = lines[0][1]
     delimiter = {".csv": ",", ".tsv": "\t"}.get(ext) or ("\t" if "\t" in first else "," if "," in first else None)
 
@@ -192,12 +209,30 @@ def read_label_list(path: str | os.PathLike) -> list[tuple[str, str, int]]:
         label_col = next((i for i, f in enumerate(head) if f in _LABEL_HEADERS and i != path_col),
                          1 if path_col == 0 else 0)  # fmt: skip
         rows = rows[1:]
-    out = []
+    out: list[tuple[str, str | list[str], int]] = []
+    multi = any("|" in f[label_col] for _, f in rows if len(f) > label_col)
     for n, fields in rows:
-        if len(fields) <= max(path_col, label_col) or not fields[path_col] or not fields[label_col]:
+        if len(fields) <= max(path_col, label_col) or not fields[path_col] or not (fields[label_col] or multi):
             raise LabelError(f"{path}, line {n}: expected a path and a label", "one `path,label` per line")
-        out.append((fields[path_col], fields[label_col], n))
+        label = fields[label_col]
+        out.append((fields[path_col], [x.strip() for x in label.split("|") if x.strip()] if multi else label, n))
     return out
+
+
+def _jsonl_row(path: str, n: int, line: str) -> tuple[str, str | list[str], int]:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise LabelError(f"{path}, line {n}: not JSON ({e.msg})", 'one {"image_url": ..., "label": ...} per line') from None
+    image = rec.get("image_url", rec.get("path")) if isinstance(rec, dict) else None
+    label = rec.get("label") if isinstance(rec, dict) else None
+    if not isinstance(image, str) or not image:
+        raise LabelError(f"{path}, line {n}: no image (an \"image_url\" or \"path\" string)")
+    if isinstance(label, list) and all(isinstance(x, str) and x for x in label):
+        return image, list(label), n
+    if isinstance(label, str) and label:
+        return image, label, n
+    raise LabelError(f"{path}, line {n}: \"label\" must be a string or a list of strings")
 
 
 def _scan_list(list_path: str, *, base: str) -> ScannedSet:
@@ -206,11 +241,12 @@ def _scan_list(list_path: str, *, base: str) -> ScannedSet:
         raise InputNotFound(f"{list_path}: lists no images")
     entries, first_line, names = [], {}, []
     for rel, label, n in rows:
-        full = rel if os.path.isabs(rel) else os.path.join(base, rel)
-        entries.append((InputItem(full), label))
-        if label not in first_line:
-            first_line[label] = n
-            names.append(label)
+        full = rel if os.path.isabs(rel) or "://" in rel else os.path.join(base, rel)
+        entries.append((InputItem(full, url=full.startswith(("http://", "https://"))), label))
+        for name in label if isinstance(label, list) else [label]:
+            if name not in first_line:
+                first_line[name] = n
+                names.append(name)
     return ScannedSet(list_path, "list", entries, names, [], first_line)
 
 
@@ -323,6 +359,11 @@ def labelled_set(scanned: ScannedSet, labels: Sequence[str], *, label_by: str = 
 
     kind, mapping = resolve_classes(scanned.class_names, labels, label_by=label_by, what=what, where=where)
     items = [item for item, _ in scanned.entries]
+    if scanned.multi_label:
+        sets = [sorted({mapping[x] for x in (name if isinstance(name, list) else [name])}) if name is not None else []
+                for _, name in scanned.entries]  # fmt: skip
+        return LabelledSet(scanned.source, scanned.layout, kind, items, [-1] * len(items), mapping,
+                           list(scanned.empty_classes), sets)  # fmt: skip
     targets = [mapping[name] if name is not None else -1 for _, name in scanned.entries]
     return LabelledSet(scanned.source, scanned.layout, kind, items, targets, mapping, list(scanned.empty_classes))
 
@@ -509,16 +550,22 @@ def evaluation(
     """`evaluate` as it runs: this process's metrics, and its results, which add to the
     metrics as they are consumed (for a progress bar, or a predictions file on the way).
     Call `metrics.reduced()` once they are consumed."""
+    check_kind(model, lset)
     metrics = EvalMetrics(model.config.num_classes, ks)
     results = iter_results(model, set_entries(lset), top=max(ks), head=head, device=device, dtype=dtype,
                            options=options)  # fmt: skip
     return metrics, metrics.counting(results)
 
 
-def write_predictions(results: Iterable[ImageResult], labels: Sequence[str], path: Path | None) -> None:
-    """Consume `results`, writing each image's `prediction_record` to `path` as JSON lines
-    (atomically; under torchrun rank 0 writes every rank's, in input order)."""
-    records = (prediction_record(r, labels) for r in results)
+def write_predictions(results: Iterable, labels: Sequence[str], path: Path | None, *,
+                      threshold: float | None = None) -> None:  # fmt: skip
+    """Consume `results`, writing each image's record (`prediction_record`, or with a
+    `threshold` the multi-label `scored_record`) to `path` as JSON lines (atomically; under
+    torchrun rank 0 writes every rank's, in input order)."""
+    if threshold is None:
+        records = (prediction_record(r, labels) for r in results)
+    else:
+        records = (scored_record(r, labels, threshold) for r in results)
     if path is None:
         for _ in records:
             pass
@@ -585,3 +632,209 @@ def _read_shard(stem: Path) -> Iterator[dict]:
     with open(stem.with_suffix(".jsonl"), encoding="utf-8") as fh:
         for line in fh:
             yield json.loads(line)
+
+
+# --------------------------------------------------------------------------- multi-label
+
+
+def check_kind(model, lset: LabelledSet) -> None:
+    """A multi-label model needs a set with label lists, and a single-label model one
+    label per image: a mix-up is an error, never a silent metric of the wrong kind."""
+    multi = bool(getattr(model, "multi_label", False))
+    if multi and not lset.multi_label:
+        raise LabelError(
+            f"{lset.source}: this model is multi-label, but the set gives one label per image",
+            'give each image a list of labels (JSONL "label": [...] or CSV `a|b`)',
+        )
+    if lset.multi_label and not multi:
+        raise LabelError(
+            f"{lset.source}: the set gives lists of labels (multi-label), but this model is single-label",
+            "evaluate a multi-label model (deit train --multi-label), or give one label per image",
+        )
+
+
+@dataclass
+class ScoredImage(Result):
+    """One image of a multi-label set: its true classes and every class's sigmoid score."""
+
+    targets: list[int] = field(default_factory=list)
+    scores: np.ndarray | None = None  # (classes,) float32, None when the image failed
+
+
+def iter_scores(
+    model, lset: LabelledSet, *, head: str | None = None, device: str = "cpu", dtype: str | None = None,
+    options: ImageOptions | None = None,
+) -> Iterator[ScoredImage]:  # fmt: skip
+    """This process's share of a multi-label set, each image with all its sigmoid scores."""
+    from .results import reason, run_batches
+    from .runner import prepare
+
+    entries = list(distributed.shard(list(enumerate(zip(lset.items, lset.target_sets or [])))))
+    runner = prepare(model, device=device, dtype=dtype)
+    head = head or default_head(model.config)
+
+    def compute(x):
+        return runner.logits(x, head).sigmoid().float().cpu().numpy()
+
+    items = [item for _, (item, _) in entries]
+    for local, item, row, err, notes in run_batches(model, items, options or ImageOptions(), compute):
+        position, (_, targets) = entries[local]
+        if err is not None:
+            yield ScoredImage(position, item.path, reason(item.path, err), targets=targets)
+        else:
+            yield ScoredImage(position, item.path, None, list(notes), targets=targets, scores=row)
+
+
+def average_precision(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """AP of one class: Σ (Rₙ − Rₙ₋₁)·Pₙ over the distinct scores, highest first (the
+    definition of scikit-learn's average_precision_score). None without a positive."""
+    total = int(positive.sum())
+    if total == 0:
+        return None
+    order = np.argsort(-scores, kind="stable")
+    s, hit = scores[order], positive[order].astype(np.int64)
+    tp = np.cumsum(hit)
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # the last index of each distinct score
+    precision = tp[last] / (last + 1)
+    recall = tp[last] / total
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+class MultiLabelMetrics:
+    """mAP, and F1 and IoU (micro and macro) at a threshold, over the images that decoded.
+
+    - mAP: the mean of each class's average precision, over the classes with a positive.
+    - At the threshold (a class is predicted when its score is at or above it), per class
+      TP, FP, FN: F1 = 2TP / (2TP + FP + FN), IoU = TP / (TP + FP + FN). Micro sums the
+      counts over classes first; macro averages the per-class values over the classes that
+      are present or predicted somewhere (a class that is neither has 0/0 and is left out).
+
+    `merge` adds another process's images, so `reduced()` is exact across torchrun ranks.
+    """
+
+    def __init__(self, num_classes: int, threshold: float):
+        self.num_classes = num_classes
+        self.threshold = float(threshold)
+        self.scores: list[np.ndarray] = []
+        self.targets: list[list[int]] = []
+        self.failed: list[tuple[int, str, str]] = []  # (position, path, error)
+        self.seconds = 0.0
+
+    def add(self, r: ScoredImage) -> None:
+        if not r.ok:
+            self.failed.append((r.position, r.path, r.error or "failed"))
+            return
+        self.scores.append(np.asarray(r.scores, dtype=np.float32))
+        self.targets.append(list(r.targets))
+
+    def counting(self, results: Iterable[ScoredImage]) -> Iterator[ScoredImage]:
+        start = time.perf_counter()
+        for r in results:
+            self.add(r)
+            yield r
+        self.seconds += time.perf_counter() - start
+
+    def merge(self, other: MultiLabelMetrics) -> MultiLabelMetrics:
+        self.scores += other.scores
+        self.targets += other.targets
+        self.failed = sorted(self.failed + other.failed)
+        self.seconds = max(self.seconds, other.seconds)
+        return self
+
+    def reduced(self) -> MultiLabelMetrics:
+        parts = distributed.gather_objects(self)
+        if len(parts) == 1:
+            return self
+        total = MultiLabelMetrics(self.num_classes, self.threshold)
+        for part in parts:
+            total.merge(part)
+        return total
+
+    @property
+    def images(self) -> int:
+        return len(self.scores)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (N, C) float32, truth (N, C) bool)."""
+        scores = np.stack(self.scores) if self.scores else np.zeros((0, self.num_classes), np.float32)
+        truth = np.zeros(scores.shape, dtype=bool)
+        for i, t in enumerate(self.targets):
+            truth[i, t] = True
+        return scores, truth
+
+    def to_dict(self, labels: Sequence[str], *, per_class: bool = False) -> dict:
+        scores, truth = self.arrays()
+        predicted = scores >= self.threshold
+        tp = (predicted & truth).sum(0)
+        fp = (predicted & ~truth).sum(0)
+        fn = (~predicted & truth).sum(0)
+        aps = [average_precision(scores[:, c], truth[:, c]) for c in range(self.num_classes)]
+        seen = (tp + fp + fn) > 0
+        f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros(len(tp)), where=seen)
+        iou = np.divide(tp, tp + fp + fn, out=np.zeros(len(tp)), where=seen)
+        T, F, N = int(tp.sum()), int(fp.sum()), int(fn.sum())
+        valid = [a for a in aps if a is not None]
+        out: dict = {
+            "images": self.images, "failed": len(self.failed), "total": self.images + len(self.failed),
+            "threshold": self.threshold,
+            "map": float(np.mean(valid)) if valid else None,
+            "f1_micro": 2 * T / (2 * T + F + N) if T + F + N else None,
+            "f1_macro": float(f1[seen].mean()) if seen.any() else None,
+            "iou_micro": T / (T + F + N) if T + F + N else None,
+            "iou_macro": float(iou[seen].mean()) if seen.any() else None,
+            "seconds": round(self.seconds, 3),
+            "images_per_s": round(self.images / self.seconds, 2) if self.seconds > 0 else None,
+            "failed_images": [{"path": p, "error": e} for _, p, e in self.failed],
+        }
+        if per_class:
+            out["per_class"] = [
+                {"index": c, "label": labels[c], "positives": int(truth[:, c].sum()), "predicted": int(predicted[:, c].sum()),
+                 "ap": aps[c], "f1": float(f1[c]) if seen[c] else None, "iou": float(iou[c]) if seen[c] else None}
+                for c in range(self.num_classes) if truth[:, c].any() or predicted[:, c].any()
+            ]  # fmt: skip
+        return out
+
+
+def multi_label_evaluation(
+    model, lset: LabelledSet, *, threshold: float | None = None, head: str | None = None, device: str = "cpu",
+    dtype: str | None = None, options: ImageOptions | None = None,
+) -> tuple[MultiLabelMetrics, Iterator[ScoredImage]]:  # fmt: skip
+    """Like `evaluation`, for a multi-label model on a set with label lists."""
+    check_kind(model, lset)
+    t = model.threshold if threshold is None else threshold
+    if not 0.0 <= t <= 1.0:
+        raise UsageError(f"--threshold must be in [0, 1], not {t:g}")
+    metrics = MultiLabelMetrics(model.config.num_classes, t)
+    results = iter_scores(model, lset, head=head, device=device, dtype=dtype, options=options)
+    return metrics, metrics.counting(results)
+
+
+def scored_record(r: ScoredImage, labels: Sequence[str], threshold: float) -> dict:
+    """One multi-label image's record in `--predictions`: its true labels and the labels
+    at or above the threshold, best first."""
+    rec: dict = {"path": r.path, "targets": [labels[t] for t in r.targets]}
+    if not r.ok:
+        rec["error"] = r.error
+        return rec
+    order = np.argsort(-r.scores, kind="stable")
+    rec["predictions"] = [{"index": int(i), "label": labels[i], "score": float(r.scores[i])}
+                          for i in order if r.scores[i] >= threshold]  # fmt: skip
+    rec["correct"] = sorted(p["index"] for p in rec["predictions"]) == sorted(r.targets)
+    if r.notes:
+        rec["notes"] = list(r.notes)
+    return rec
+
+
+def multi_label_summary(model, lset: LabelledSet, metrics: MultiLabelMetrics, *, per_class: bool = False,
+                        predictions: str | os.PathLike | None = None) -> dict:  # fmt: skip
+    out = {
+        "model": str(model.source),
+        "set": lset.source,
+        "multi_label": True,
+        "label_by": lset.label_by,
+        "classes": len(set(lset.classes.values())),
+        **metrics.to_dict(model.labels, per_class=per_class),
+    }
+    if predictions is not None:
+        out["predictions"] = os.fspath(predictions)
+    return out
