@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-import timm
 import torch
 import transformers
 from PIL import Image
@@ -350,6 +349,13 @@ def test_same_stems_get_unique_names(run_cpu, model_path, tmp_path):
         sys.stdin = sys_stdin
     assert rc == 0
     assert [os.path.basename(r["files"]["png"]) for r in records(stdout)] == [os.path.basename(p) for p in pngs]
+    # streamed inputs cannot be checked up front: the first existing file stops the run (73)
+    try:
+        sys.stdin = io.TextIOWrapper(io.BytesIO(str(files[0]).encode()))
+        rc, stdout, err = run_cpu("explain", "-", "-m", model_path, "-o", out2, "--format", "jsonl")
+    finally:
+        sys.stdin = sys_stdin
+    assert rc == 73 and "cat.rollout.png: already exists" in err and stdout == ""
 
 
 def test_bad_inputs_get_records_and_exit_1(run_cpu, model_path, colour_dir, tmp_path):
@@ -406,6 +412,8 @@ def test_headless_and_plain_models(run_cpu, grey_dir, tmp_path):
     assert rc == 0, err
     (rec,) = records(stdout)
     assert rec["predictions"] == []
+    assert picture.caption_lines("grey.png", "rollout", [], "m")[1] == "no classifier head: no labels"
+    assert Image.open(rec["files"]["png"]).size == picture.layout(64, 2, 0, 2).size  # title + that line
     maps = np.load(rec["files"]["npy"])
     assert argmax2d(maps[0]) == CLS_TARGET and argmax2d(maps[1]) == DIST_TARGET
     plain = save(looking_model(distilled=False), tmp_path / "plain.safetensors")

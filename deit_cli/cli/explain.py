@@ -3,9 +3,10 @@ pictures and as numbers. The maps, pictures and files are `deit_cli.engine.expla
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Iterable
+from typing import Annotated
 
 import typer
 
@@ -33,25 +34,25 @@ def explain(
     out_dir: Annotated[
         Path, typer.Option("--output", "-o", help="Directory for NAME.METHOD.png (and .npy); created if missing.",
                            show_default=False),
-    ],  # fmt: skip
+    ],
     model: ModelOpt = DEFAULT_MODEL_NAME,
     method: Annotated[
         Method,
         typer.Option("--method", help="rollout (attention through all blocks, the default) or attention "
                      "(the last block only)."),
-    ] = Method.rollout,  # fmt: skip
+    ] = Method.rollout,
     per_head: Annotated[bool, typer.Option("--per-head", help="Add the last block's maps, one per head.")] = False,
     raw: Annotated[
         bool, typer.Option("--raw", help="Also write NAME.METHOD.npy: the unnormalised float32 maps, "
                            "tokens × grid × grid (with --per-head also NAME.METHOD.heads.npy, tokens × heads × grid × grid).")
-    ] = False,  # fmt: skip
+    ] = False,
     top: TopOpt = 5,
     force: ForceOpt = False,
     format_: Annotated[
         ExplainFormat | None,
         typer.Option("--format", "-F", help="table, json or jsonl (default: a table on a terminal, JSON lines "
                      "when piped): one record per image with its files and top classes."),
-    ] = None,  # fmt: skip
+    ] = None,
     batch_size: BatchSizeOpt = 16,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32",

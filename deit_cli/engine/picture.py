@@ -140,8 +140,13 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font) -> str:
     return text + "…"
 
 
-def _number(v: float) -> str:
-    return f"{v:.3g}"
+def _range(lo: float, hi: float) -> tuple[str, str]:
+    """The two ends, with as many significant digits (3 to 6) as it takes to tell them apart."""
+    for digits in range(3, 7):
+        a, b = f"{lo:.{digits}g}", f"{hi:.{digits}g}"
+        if a != b:
+            break
+    return a, b
 
 
 def caption_lines(title: str | None, method: str, predictions: Sequence, model: str | None) -> list[str]:
@@ -188,11 +193,12 @@ def render(
         _, lo, hi = scale_map(maps[j])
         ny = bar[3] + 2
         if hi - lo > 1e-12 * max(1.0, abs(hi)):
-            draw.text((bar[0], ny), f"min {_number(lo)}", fill=INK, font=font)
-            right = f"max {_number(hi)}"
+            low, high = _range(lo, hi)
+            draw.text((bar[0], ny), f"min {low}", fill=INK, font=font)
+            right = f"max {high}"
             draw.text((bar[2] - draw.textlength(right, font=font), ny), right, fill=INK, font=font)
         else:
-            draw.text((bar[0], ny), f"uniform: every patch {_number(hi)}", fill=INK, font=font)
+            draw.text((bar[0], ny), f"uniform: every patch {hi:.3g}", fill=INK, font=font)
     for j, row in enumerate(lay.head_boxes):
         t = row[0][2] - row[0][0]
         name = TOKEN_TITLES.get(tokens[j], tokens[j])
