@@ -3,9 +3,11 @@
     PYTHONPATH=. python benchmarks/explain_overhead.py --model deit-tiny-distilled --images 16 --repeats 5
 
 Random-init weights of a registry architecture (the cost does not depend on the values),
-synthetic JPEGs written to a temporary directory. Each row is the median over the
-repeats (after one warm-up) of the wall time of the whole job divided by the number of
-images, and its ratio to classify's:
+synthetic JPEGs written to a temporary directory. The jobs run in turn within each repeat
+(after one warm-up of each), so that a busy machine slows them alike; each row is the
+median over the repeats of the job's time per image, wall clock and CPU (all threads), and
+the median of its per-repeat ratio to classify (or, for the model-only rows, to
+runner.logits):
 
     classify             engine.classify: decode, eval transform, the fast runner (SDPA)
     explain maps         engine.explain: the same inputs, the explicit-attention forward and the maps
@@ -46,14 +48,29 @@ def make_images(d: Path, n: int) -> list[str]:
     return paths
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def interleaved(jobs: dict, repeats: int) -> dict[str, list[tuple[float, float]]]:
+    """(wall, CPU) seconds per run of each job, the jobs taking turns in every repeat."""
+    for fn in jobs.values():
+        fn()  # warm-up
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in jobs}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for name, fn in jobs.items():
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            times[name].append((time.perf_counter() - w, time.process_time() - c))
+    return times
+
+
+def report(times: dict[str, list[tuple[float, float]]], per: int) -> None:
+    names = list(times)
+    base = times[names[0]]
+    for name in names:
+        row = []
+        for k in (0, 1):  # wall, then CPU (all threads): the CPU time is less at the mercy of a busy machine
+            ts = [t[k] for t in times[name]]
+            ratio = statistics.median(t[k] / b[k] for t, b in zip(times[name], base))
+            row.append(f"{statistics.median(ts) / per * 1e3:>10.2f} {ratio:>7.2f}x")
+        print(f"{name:<44} " + "   ".join(row))
 
 
 def main(argv=None) -> int:
@@ -103,26 +120,23 @@ def main(argv=None) -> int:
         runner = prepare(model, device=args.device)
         b = len(x)
 
-        rows = [
-            ("classify", median_time(run_classify, args.repeats) / n),
-            (f"explain maps ({args.method})", median_time(run_maps, args.repeats) / n),
-            (f"explain + files ({args.method}{', raw' if args.raw else ''})", median_time(run_files, args.repeats) / n),
-        ]
-        model_rows = [
-            ("model only: runner.logits (SDPA)", median_time(lambda: runner.logits(x), args.repeats) / b),
-            (f"model only: attention_maps ({args.method})",
-             median_time(lambda: explain_engine.attention_maps(model, x, args.method), args.repeats) / b),
-        ]  # fmt: skip
+        jobs = {
+            "classify": run_classify,
+            f"explain maps ({args.method})": run_maps,
+            f"explain + files ({args.method}{', raw' if args.raw else ''})": run_files,
+        }
+        model_jobs = {
+            "model only: runner.logits (SDPA)": lambda: runner.logits(x),
+            f"model only: attention_maps ({args.method})": lambda: explain_engine.attention_maps(model, x, args.method),
+        }
+        times = interleaved(jobs, args.repeats)
+        model_times = interleaved(model_jobs, args.repeats)
 
     print(f"# {args.model} (random init), {n} images of 320x240 JPEG, batch {args.batch_size}, "
           f"device {args.device}, torch threads {torch.get_num_threads()}, median of {args.repeats}")  # fmt: skip
-    print(f"{'job':<44} {'ms/image':>10} {'ratio':>8}")
-    base = rows[0][1]
-    for name, sec in rows:
-        print(f"{name:<44} {sec * 1e3:>10.2f} {sec / base:>7.2f}x")
-    base = model_rows[0][1]
-    for name, sec in model_rows:
-        print(f"{name:<44} {sec * 1e3:>10.2f} {sec / base:>7.2f}x")
+    print(f"{'job':<44} {'wall ms/img':>11} {'ratio':>7}   {'CPU ms/img':>10} {'ratio':>7}")
+    report(times, n)
+    report(model_times, b)
     return 0
 
 

@@ -358,6 +358,13 @@ def test_same_stems_get_unique_names(run_cpu, model_path, tmp_path):
     assert rc == 73 and "cat.rollout.png: already exists" in err and stdout == ""
 
 
+def test_output_names_from_paths_and_urls():
+    names = engine.OutputNames()
+    got = [names(p) for p in ["a/bird.jpg", "https://example.com/x/bird.JPG?size=2", "b/my photo (1).png",
+                              "c/.hidden.png", "https://example.com/", "d/bird-2.jpg"]]  # fmt: skip
+    assert got == ["bird", "bird-2", "my_photo_1", "hidden", "example", "bird-2-2"]
+
+
 def test_bad_inputs_get_records_and_exit_1(run_cpu, model_path, colour_dir, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"%PDF-1.4 not an image")

@@ -79,19 +79,24 @@ def explain(
     --force. Exit code 0: all explained; 1: some inputs failed (each has an error record);
     66: none could be read; 73: an output exists.
     """
+    from .. import distributed
     from ..engine import explain as engine
+    from ..errors import UsageError
 
+    if distributed.is_distributed():  # each rank would name its shard's files on its own
+        raise UsageError("explain does not run under torchrun", "run it as one process; --device picks the GPU")
     fmt = output.choose_format(format_, per_item=True, allowed=("table", "json", "jsonl"))
     options = image_options(batch_size, workers, crop_pct, resize, no_exif, allow_truncated)
     show = wants_progress(quiet=quiet, stdout_streams=fmt != "table")
     items = read_inputs(inputs, null_separated=null)  # checked now, read lazily
-    engine.check_directory(out_dir)
+    engine.check_directory(out_dir, create=False)
     names = None
     if "-" not in inputs:  # the inputs are known: refuse before any work (from stdin: at each write)
         items = list(items)
         if not force:
             names = engine.check_outputs([i.path for i in items], out_dir, method.value, raw=raw, per_head=per_head)
     net = load(model)
+    engine.check_directory(out_dir)  # created once the model has loaded
     output.set_batch_size(batch_size)
     extra = {"model": str(net.source)}
     total = len(items) if isinstance(items, list) else None

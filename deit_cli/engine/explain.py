@@ -300,7 +300,7 @@ class OutputNames:
     def stem(path: str) -> str:
         base = path.split("?", 1)[0].rstrip("/") if "://" in path else path
         name = os.path.basename(base.rstrip(os.sep)) or "image"
-        stem = os.path.splitext(name)[0] if not name.startswith(".") else name
+        stem = os.path.splitext(name)[0]
         stem = _UNSAFE.sub("_", stem).strip("._") or "image"
         return stem[:100]
 
@@ -334,10 +334,13 @@ def _refuse_existing(paths: Iterable[Path], directory: Path) -> None:
         raise OutputExists(f"{directory}: {len(existing)} of the outputs already exist ({few})", hint)
 
 
-def check_directory(directory: Path) -> None:
-    """The output directory, created if missing; OutputExists (73) when it cannot be."""
+def check_directory(directory: Path, *, create: bool = True) -> None:
+    """The output directory, created if missing (with `create`); OutputExists (73) when it
+    is not a directory or cannot be created."""
     if directory.exists() and not directory.is_dir():
         raise OutputExists(f"{directory}: not a directory")
+    if not create:
+        return
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
