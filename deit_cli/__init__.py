@@ -3,6 +3,7 @@
     import deit_cli
     model = deit_cli.load_model("deit-tiny-distilled")
     logits = model(x)
+    maps = deit_cli.attention_maps(model, x, method="rollout").maps  # (B, tokens, grid, grid)
 
 Importing this package does not import torch; the first use of `load_model`, `DeiT`
 or `DeiTConfig` does (so `deit --help` stays fast).
@@ -16,6 +17,7 @@ _LAZY = {
     "read_checkpoint": "deit_cli.checkpoints",
     "DeiT": "deit_cli.model",
     "DeiTConfig": "deit_cli.config",
+    "attention_maps": "deit_cli.engine.explain",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -107,14 +107,19 @@ class DeiT(nn.Module):
                 m.weight.copy_(_trunc_normal(m.weight.shape, 1 / math.sqrt(fan_in), g))
                 nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) -> all tokens after the final norm (B, prefix + patches, D)."""
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> the blocks' input: prefix and patch tokens with their
+        position embeddings (B, prefix + patches, D)."""
         x = self.patch_embed(x)
         B = x.shape[0]
         prefix = [self.cls_token.expand(B, -1, -1)]
         if self.dist_token is not None:
             prefix.append(self.dist_token.expand(B, -1, -1))
-        x = torch.cat([*prefix, x], dim=1) + self.pos_embed  # (B, prefix + patches, D)
+        return torch.cat([*prefix, x], dim=1) + self.pos_embed  # (B, prefix + patches, D)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) -> all tokens after the final norm (B, prefix + patches, D)."""
+        x = self.embed(x)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)

@@ -6,6 +6,7 @@
     features.py  extract_features, pools, and the .npy/.safetensors/.jsonl writers
     evaluate.py  labelled sets, top-k metrics across processes, the eval summary
     bench.py     throughput, latency, memory; peers.py: timm and transformers beside it
+    explain.py   attention maps (last block, rollout) per image, and their files; picture.py draws them
 
 Nothing here prints or parses flags: the CLI (and the server) render what these return.
 A library user can do from here whatever the CLI does. Names are imported lazily; the
@@ -35,6 +36,8 @@ _LAZY = {
     "labelled_set": "evaluate",
     "BenchSpec": "bench",
     "run_bench": "bench",
+    "Explanation": "explain",
+    "attention_maps": "explain",
 }
 
 __all__ = list(_LAZY)
