@@ -106,23 +106,33 @@ def test_queue_runs_a_lone_request_at_once_on_an_idle_server():
     assert took < 1.0 and d.queue_s < 0.5  # nowhere near the 2 s max delay
 
 
-def test_queue_under_load_waits_at_most_max_delay_for_company():
+def test_queue_waits_for_announced_items_at_most_max_delay():
     rec = Recorder()
 
     async def main():
         q = BatchQueue(rec, max_batch_size=32, max_delay_ms=300, max_queue=64)
         await q.start()
-        await q.infer([0])  # the server is now busy (a batch just ended)
+        ticket = q.announce(2)  # two items on their way (a request still decoding)
         first = asyncio.ensure_future(q.infer([1]))
         await asyncio.sleep(0.05)
-        second = asyncio.ensure_future(q.infer([2, 3]))
-        a, b = await asyncio.gather(first, second)
+        both = await asyncio.gather(first, q.infer([2, 3], ticket=ticket))
+        # Announced items that never come: the batch waits max_delay, no longer.
+        lost = q.announce(1)
+        t = time.monotonic()
+        (alone,) = await q.infer([4])
+        waited = time.monotonic() - t
+        lost.release()
+        gone = q.announce(1)
+        gone.release()  # released: nothing is on its way, so the next item runs at once
+        (fast,) = await q.infer([5])
         await q.stop()
-        return a, b
+        return both, alone, waited, fast
 
-    a, b = run_async(main())
+    (a, b), alone, waited, fast = run_async(main())
     assert a[0].batch_size == 3 and [x.result for x in b] == [4, 6]  # 1, 2 and 3 ran together
-    assert 0.2 < a[0].queue_s < 1.0  # it waited for company, bounded by max delay
+    assert 0.03 < a[0].queue_s < 0.3  # it waited for its company, not the whole delay
+    assert alone.result == 8 and 0.25 < waited < 1.0  # bounded by max_delay_ms
+    assert fast.batch_size == 1 and fast.queue_s < 0.1
 
 
 def test_queue_is_bounded_and_refuses_at_once():

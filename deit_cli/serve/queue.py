@@ -7,11 +7,18 @@ them through the model together.
     await queue.stop()                              # runs what is queued, then ends
 
 `run(items) -> results` (one result per item, in order) runs in one inference thread,
-off the event loop. The worker takes up to `max_batch_size` items. An idle server (no
-batch ended in the last `max_delay_ms`) runs what it has at once; under load, a batch
-waits for more items until its oldest item has waited `max_delay_ms`. At most
-`max_queue` items wait: past that `submit` raises QueueFull at once, so memory stays
-bounded however many clients push. No HTTP here: the queue is tested on its own.
+off the event loop. The worker takes up to `max_batch_size` items: all that wait, and
+while more are on their way (`announce`d by requests still decoding their images) it
+waits for them, until its oldest item has waited `max_delay_ms`. With nothing on its way
+(an idle server, or one client at a time) a batch runs at once: the delay is only ever
+spent where there is company to wait for. Items pile up while a batch runs, so the next
+batch takes them all. At most `max_queue` items wait or are announced: past that
+`announce`/`submit` raise QueueFull at once, so memory stays bounded however many
+clients push. No HTTP here: the queue is tested on its own.
+
+    ticket = queue.announce(2)            # QueueFull now, before any decoding
+    xs = decode(...)                      # meanwhile the worker waits for these two
+    done = await queue.infer(xs, ticket=ticket)
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BatchQueue", "Done", "QueueFull", "QueueTimeout", "QueueClosed"]
+__all__ = ["BatchQueue", "Ticket", "Done", "QueueFull", "QueueTimeout", "QueueClosed"]
 
 
 class QueueFull(Exception):
@@ -52,6 +59,20 @@ class Done:
     queue_s: float  # from submit to the start of its batch
     inference_s: float  # its batch's run time
     batch_size: int  # how many items ran in its batch
+
+
+class Ticket:
+    """Room held in the queue for items on their way (see BatchQueue.announce)."""
+
+    def __init__(self, queue: BatchQueue, n: int) -> None:
+        self._queue, self.n, self._held = queue, n, True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._queue._incoming -= self.n
+            if self._queue._wakeup is not None:
+                self._queue._wakeup.set()  # a waiting batch need not wait for these any more
 
 
 @dataclass
@@ -85,12 +106,12 @@ class BatchQueue:
         self.on_batch = on_batch  # (batch size, each item's queue seconds, inference seconds)
         self._pending: deque[_Entry] = deque()
         self._waiting = 0  # items in _pending whose future is not done
+        self._incoming = 0  # items announced but not submitted yet
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._executor = executor
         self._own_executor = executor is None
         self._closed = False
-        self._last_end = -math.inf
         self._last_inference_s = 0.0
         self.batches = 0  # batches run so far
         self.items = 0  # items run so far
@@ -112,11 +133,23 @@ class BatchQueue:
 
     def check_room(self, n: int) -> None:
         """Raise QueueFull if `n` more items would not fit now (to refuse before any work)."""
-        if self._waiting + n > self.max_queue:
-            raise QueueFull(self._waiting, self.max_queue, self.retry_after())
+        if self._waiting + self._incoming + n > self.max_queue:
+            raise QueueFull(self._waiting + self._incoming, self.max_queue, self.retry_after())
 
-    def submit(self, items: Sequence[Any]) -> list[asyncio.Future]:
+    def announce(self, n: int) -> Ticket:
+        """Hold room for `n` items that are on their way (QueueFull if there is none); the
+        worker waits for them (up to max_delay_ms). Pass the ticket to `submit`/`infer`,
+        or `release()` it if they never come."""
+        if self._closed or self._worker is None:
+            raise QueueClosed("the server is shutting down")
+        self.check_room(n)
+        self._incoming += n
+        return Ticket(self, n)
+
+    def submit(self, items: Sequence[Any], ticket: Ticket | None = None) -> list[asyncio.Future]:
         """Queue `items` (all or none); one future per item, resolving to a Done."""
+        if ticket is not None:
+            ticket.release()
         if self._closed or self._worker is None:
             raise QueueClosed("the server is shutting down")
         self.check_room(len(items))
@@ -132,9 +165,10 @@ class BatchQueue:
         self._wakeup.set()
         return futures
 
-    async def infer(self, items: Sequence[Any], timeout: float | None = None) -> list[Done]:
+    async def infer(self, items: Sequence[Any], timeout: float | None = None,
+                    ticket: Ticket | None = None) -> list[Done]:  # fmt: skip
         """Submit `items` and wait for all of them, at most `timeout` seconds (QueueTimeout)."""
-        futures = self.submit(items)
+        futures = self.submit(items, ticket)
         try:
             done = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout)
         except asyncio.TimeoutError:
@@ -194,11 +228,11 @@ class BatchQueue:
             self._take(batch)
             if not batch:
                 continue
-            busy = time.monotonic() - self._last_end < self.max_delay
-            if busy and len(batch) < self.max_batch_size and not self._closed:
-                # Under load: wait for company, until the oldest item has waited max_delay.
+            if self._incoming and len(batch) < self.max_batch_size:
+                # Company is on its way: wait for it, until the oldest item has waited max_delay.
                 deadline = batch[0].enqueued + self.max_delay
-                while len(batch) < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
+                while (self._incoming and len(batch) < self.max_batch_size
+                       and (left := deadline - time.monotonic()) > 0):  # fmt: skip
                     self._wakeup.clear()
                     try:
                         await asyncio.wait_for(self._wakeup.wait(), left)
@@ -219,7 +253,7 @@ class BatchQueue:
                     e.future.set_exception(exc)
             results = None
         end = time.monotonic()
-        self._last_end, self._last_inference_s = end, end - start
+        self._last_inference_s = end - start
         self.batches += 1
         self.items += len(batch)
         n = len(batch)

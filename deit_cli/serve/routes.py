@@ -81,9 +81,13 @@ async def run_images(service: Service, queue: BatchQueue, req: ImageRequest, ite
     if service.draining:
         raise ServeError(503, "unavailable", "the server is shutting down", headers={"Retry-After": "1"})
     try:
-        queue.check_room(len(req.images))  # refused at once, before any decoding
+        # Room is held now, before any decoding (503 at once when there is none); meanwhile
+        # the batch being formed waits for these images.
+        ticket = queue.announce(len(req.images))
     except QueueFull as exc:
         raise ServeError(503, "overloaded", str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+    except QueueClosed:
+        raise ServeError(503, "unavailable", "the server is shutting down", headers={"Retry-After": "1"}) from None
     loop = asyncio.get_running_loop()
     deadline = time.monotonic() + service.settings.timeout
 
@@ -95,7 +99,8 @@ async def run_images(service: Service, queue: BatchQueue, req: ImageRequest, ite
             if isinstance(r, BaseException):
                 raise r
         try:
-            return await queue.infer([item(x) for x in loaded], timeout=max(0.001, deadline - time.monotonic()))
+            return await queue.infer([item(x) for x in loaded], timeout=max(0.001, deadline - time.monotonic()),
+                                     ticket=ticket)  # fmt: skip
         except QueueFull as exc:
             raise ServeError(503, "overloaded", str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
         except QueueClosed:
@@ -107,6 +112,8 @@ async def run_images(service: Service, queue: BatchQueue, req: ImageRequest, ite
         raise ServeError(504, "timeout", f"not answered within {service.settings.timeout:g} s (--timeout)") from None
     except UsageError as exc:  # e.g. a model without a classifier asked to classify
         raise ServeError(400, "bad_request", exc.one_line()) from None
+    finally:
+        ticket.release()  # a bad image, a timeout: the room held for this request is free again
     route = "/embed" if queue is service.embed_queue else "classify"
     service.metrics.images.labels(route).inc(len(done))
     headers = {
