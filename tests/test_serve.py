@@ -473,6 +473,22 @@ def test_timeout_gets_504(served):
         assert r.status_code == 504 and r.json()["error_type"] == "timeout"
 
 
+def test_padded_batches_give_the_same_answers(model_path, colour_dir):
+    from deit_cli.checkpoints import load_model
+    from deit_cli.engine.serve import ServedModel
+
+    plain = ServedModel(load_model(str(model_path)), device="cpu")
+    padded = ServedModel(load_model(str(model_path)), device="cpu")
+    padded.pad_batches = True  # what the CUDA-graph and compiled paths do
+    padded.warm_up(8)
+    assert padded.buckets == (1, 4, 8)
+    xs = [plain.preprocess(f.read_bytes(), f.name)[0] for f in colour_files(colour_dir)[:3]]
+    np.testing.assert_allclose(padded.probabilities(xs), plain.probabilities(xs), atol=1e-6)
+    feats = padded.embeddings(xs, ["token", "avg", "cls"], [False, True, False])
+    for a, b in zip(feats, plain.embeddings(xs, ["token", "avg", "cls"], [False, True, False])):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- URLs (SSRF)
 
 
@@ -695,7 +711,7 @@ def test_real_server_batches_concurrent_clients_and_drains_on_sigterm(model_path
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
             assert json.loads(r.read())["status"] == "ready"
-        names = [LABELS[i % len(LABELS)] for i in range(24)]
+        names = [LABELS[i % len(LABELS)] for i in range(32)]
         bodies = {n: {"input_data": [b64(png(COLOURS[n][1], (30 + i, 40)))]} for i, n in enumerate(LABELS)}
         barrier = threading.Barrier(len(names), timeout=30)
 
@@ -728,3 +744,13 @@ def test_real_server_batches_concurrent_clients_and_drains_on_sigterm(model_path
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_serve_help_imports_neither_torch_nor_the_server():
+    probe = ("import sys; from deit_cli.cli.app import main; rc = main(['serve', '--help']); "
+             "print(sorted(m for m in ('torch', 'uvicorn', 'starlette', 'prometheus_client') if m in sys.modules), "
+             "file=sys.stderr); sys.exit(rc)")  # fmt: skip
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert p.returncode == 0 and "--max-batch-size" in p.stdout
+    assert p.stderr.strip().endswith("[]"), p.stderr

@@ -61,6 +61,8 @@ def serve(
                                  show_default=False)] = None,  # fmt: skip
     url_timeout: Annotated[float, typer.Option("--url-timeout", min=0.001, help="Seconds per URL download, in all.")] = 10.0,
     url_max_mb: Annotated[float, typer.Option("--url-max-mb", min=0.001, help="Largest URL download, MiB.")] = 50.0,
+    max_connections: Annotated[int, typer.Option("--max-connections", min=1, help="Most open connections and "
+                                                 "requests at once; past it: 503.")] = 512,  # fmt: skip
     workers: WorkersOpt = None,
     access_log: Annotated[bool, typer.Option("--access-log", help="Log every request on stderr.")] = False,
     quiet: QuietOpt = False,
@@ -104,12 +106,14 @@ def serve(
                         decode_workers=max(1, workers if workers is not None else min(8, os.cpu_count() or 1)))  # fmt: skip
     sock = _listen(host, port)  # fail fast, before the model loads
     try:
-        _run(model, sock, host, settings, device, dtype, compile_, head, options, access_log, quiet, insecure)
+        _run(model, sock, host, settings, device, dtype, compile_, head, options, access_log, quiet, insecure,
+             max_connections)
     finally:
         sock.close()
 
 
-def _run(model_source, sock, host, settings, device, dtype, compile_, head, options, access_log, quiet, insecure):
+def _run(model_source, sock, host, settings, device, dtype, compile_, head, options, access_log, quiet, insecure,
+         max_connections):  # fmt: skip
     import uvicorn
 
     from ..engine.serve import ServedModel
@@ -146,7 +150,7 @@ def _run(model_source, sock, host, settings, device, dtype, compile_, head, opti
 
     config = uvicorn.Config(app, log_level="info" if access_log else "warning", access_log=access_log,
                             timeout_graceful_shutdown=int(settings.timeout) + 5, lifespan="on",
-                            server_header=False)  # fmt: skip
+                            server_header=False, limit_concurrency=max_connections)  # fmt: skip
     Server(config).run(sockets=[sock])
 
 

@@ -57,6 +57,12 @@ class ServedModel:
         self.transform = eval_transform(model.preprocessing, crop_pct=options.crop_pct,
                                         resize_mode=options.resize_mode)  # fmt: skip
         self.runner = prepare(model, device=device, dtype=dtype, compile=compile)
+        # Paths that specialise on the input shape (a CUDA graph or a compiled graph per batch
+        # size) get batches padded up to a few sizes, fixed by warm_up: a server's batch
+        # sizes vary with its load, and capturing or compiling one at request time costs more
+        # than the padding. Rows are independent, so padding never changes an answer.
+        self.pad_batches = self.runner.path not in ("cpu-onednn", "cpu-eager", "mps-eager", "cuda-eager")
+        self.buckets: tuple[int, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -73,17 +79,24 @@ class ServedModel:
                                allow_truncated=self.options.allow_truncated, max_pixels=self.max_pixels)  # fmt: skip
         return self.transform(decoded.image), decoded.notes
 
+    def _batch(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = torch.stack(list(images))  # (N, 3, H, W)
+        size = next((b for b in self.buckets if b >= len(x)), len(x)) if self.pad_batches else len(x)
+        if size > len(x):
+            x = torch.cat([x, x.new_zeros((size - len(x), *x.shape[1:]))])  # (bucket, 3, H, W)
+        return x
+
     def probabilities(self, images: Sequence[torch.Tensor]) -> np.ndarray:
         """(N, classes) float32 softmax probabilities of one batch of preprocessed images."""
         if not self.has_classifier:
             raise UsageError("this model has no classifier head", "use /embed")
-        logits = self.runner.logits(torch.stack(list(images)), self.head)  # (N, classes) float32
+        logits = self.runner.logits(self._batch(images), self.head)[: len(images)]  # (N, classes) float32
         return logits.softmax(dim=-1).cpu().numpy()
 
     def embeddings(self, images: Sequence[torch.Tensor], pools: Sequence[str],
                    normalize: Sequence[bool]) -> list[np.ndarray]:  # fmt: skip
         """Each image's pooled features (float32), pooled as its own `pools[i]` says."""
-        tokens = self.runner.features(torch.stack(list(images)))  # (N, prefix + patches, D)
+        tokens = self.runner.features(self._batch(images))[: len(images)]  # (N, prefix + patches, D)
         out: list[np.ndarray | None] = [None] * len(images)
         for key in sorted(set(zip(pools, normalize))):
             rows = [i for i, k in enumerate(zip(pools, normalize)) if k == key]
@@ -100,10 +113,12 @@ class ServedModel:
         return pool
 
     def warm_up(self, max_batch_size: int) -> None:
-        """Run the shapes the server will see first (1 image, and a full batch), so that
-        lazy initialisation, CUDA graphs and compilation happen before it reports ready."""
+        """Run the batch shapes the server will use (1 image and a full batch; on the
+        shape-specialising paths, each padding size), so that lazy initialisation, CUDA
+        graphs and compilation happen before the server reports ready."""
         s = self.image_size
-        for n in sorted({1, max_batch_size}):
+        self.buckets = tuple(sorted({b for b in (1, 4, 16) if b < max_batch_size} | {max_batch_size}))
+        for n in self.buckets if self.pad_batches else sorted({1, max_batch_size}):
             x = [torch.zeros(3, s, s)] * n
             if self.has_classifier:
                 self.probabilities(x)

@@ -124,8 +124,15 @@ async def run_images(service: Service, queue: BatchQueue, req: ImageRequest, ite
     return [d.result for d in done], headers
 
 
-async def _json_body(request: Request) -> Any:
-    return parse_json(await read_body(request, service_of(request).settings.max_body_bytes))
+async def _json_body(request: Request, queue: BatchQueue) -> Any:
+    service = service_of(request)
+    if service.draining:
+        raise ServeError(503, "unavailable", "the server is shutting down", headers={"Retry-After": "1"})
+    try:
+        queue.check_room(1)  # a full queue refuses before the body is even read
+    except QueueFull as exc:
+        raise ServeError(503, "overloaded", str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+    return parse_json(await read_body(request, service.settings.max_body_bytes))
 
 
 def _require_classifier(service: Service) -> None:
@@ -145,7 +152,7 @@ def _top(service: Service, probs, k: int) -> list[dict[str, Any]]:
 async def score(request: Request) -> Response:
     service = service_of(request)
     _require_classifier(service)
-    req = score_request(await _json_body(request), service.settings.max_images)
+    req = score_request(await _json_body(request, service.classify_queue), service.settings.max_images)
     k = top_k_param(req.params, service.served.num_classes)
     probs, headers = await run_images(service, service.classify_queue, req)
     return JSONResponse([_top(service, p, k) for p in probs], headers=headers)
@@ -153,7 +160,7 @@ async def score(request: Request) -> Response:
 
 async def embed(request: Request) -> Response:
     service = service_of(request)
-    req = score_request(await _json_body(request), service.settings.max_images)
+    req = score_request(await _json_body(request, service.embed_queue), service.settings.max_images)
     pool, normalize = embed_params(req.params)
     try:
         pool = service.served.check_pool(pool)
@@ -230,7 +237,7 @@ async def v2_model_ready(request: Request) -> Response:
 async def v2_infer(request: Request) -> Response:
     service = _model(request)
     _require_classifier(service)
-    req = v2_request(await _json_body(request), service.settings.max_images)
+    req = v2_request(await _json_body(request, service.classify_queue), service.settings.max_images)
     k = top_k_param(req.params, service.served.num_classes)
     probs, headers = await run_images(service, service.classify_queue, req)
     n, c = len(probs), service.served.num_classes
