@@ -30,11 +30,11 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 
-from colours import COLOURS, LABELS, colour_files, expected_scores  # noqa: E402
-from imagegen import PDF_BYTES, png_header, truncated_jpeg  # noqa: E402
-from PIL import Image  # noqa: E402
+from colours import COLOURS, LABELS, colour_files, expected_scores
+from imagegen import PDF_BYTES, png_header, truncated_jpeg
+from PIL import Image
 
-from deit_cli.serve.queue import BatchQueue, QueueFull, QueueTimeout  # noqa: E402
+from deit_cli.serve.queue import BatchQueue, QueueFull, QueueTimeout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -496,9 +496,9 @@ class _ImageHandler(http.server.BaseHTTPRequestHandler):
     image = png((255, 0, 255))
     hits: list[str] = []
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         type(self).hits.append(self.path)
-        host, port = self.server.server_address
+        port = self.server.server_address[1]
         if self.path == "/img.png":
             self._send(200, self.image)
         elif self.path.startswith("/redirect/"):
@@ -707,7 +707,7 @@ def _post(port: int, path: str, body: dict, timeout: float = 30) -> tuple[int, d
 
 
 def test_real_server_batches_concurrent_clients_and_drains_on_sigterm(model_path):
-    proc, port, lines = _start_server(model_path, "--max-delay-ms", "300")
+    proc, port, _ = _start_server(model_path, "--max-delay-ms", "300")
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
             assert json.loads(r.read())["status"] == "ready"
@@ -727,7 +727,7 @@ def test_real_server_batches_concurrent_clients_and_drains_on_sigterm(model_path
         assert max(sizes) > 1
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             metrics = r.read().decode()
-        batches = float(re.search(r"^deit_batch_size_count (\S+)", metrics, re.M).group(1))
+        batches = float(re.search(r"^deit_batch_size_count (\S+)", metrics, re.MULTILINE).group(1))
         assert batches < len(names)
 
         # SIGTERM while requests wait in the queue: every one is answered, then exit 0.
@@ -750,7 +750,7 @@ def test_serve_help_imports_neither_torch_nor_the_server():
     probe = ("import sys; from deit_cli.cli.app import main; rc = main(['serve', '--help']); "
              "print(sorted(m for m in ('torch', 'uvicorn', 'starlette', 'prometheus_client') if m in sys.modules), "
              "file=sys.stderr); sys.exit(rc)")  # fmt: skip
-    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60,
+    p = subprocess.run([sys.executable, "-c", probe], check=False, capture_output=True, text=True, timeout=60,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     assert p.returncode == 0 and "--max-batch-size" in p.stdout
     assert p.stderr.strip().endswith("[]"), p.stderr

@@ -32,7 +32,7 @@ from .urls import UrlPolicy
 if TYPE_CHECKING:
     from ..engine.serve import ServedModel
 
-__all__ = ["Settings", "Service", "create_app", "OPEN_PATHS"]
+__all__ = ["OPEN_PATHS", "Service", "Settings", "create_app"]
 
 # What a load balancer or an orchestrator probes without a key.
 OPEN_PATHS = frozenset({"/health", "/v2/health/live", "/v2/health/ready"})

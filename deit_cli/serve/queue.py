@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BatchQueue", "Ticket", "Done", "QueueFull", "QueueTimeout", "QueueClosed"]
+__all__ = ["BatchQueue", "Done", "QueueClosed", "QueueFull", "QueueTimeout", "Ticket"]
 
 
 class QueueFull(Exception):

@@ -23,7 +23,7 @@ from urllib.parse import urljoin, urlsplit
 from .._version import __version__
 from ..images.decode import DEFAULT_URL_MAX_BYTES, DEFAULT_URL_TIMEOUT, ImageError
 
-__all__ = ["UrlPolicy", "UrlRefused", "fetch_url", "is_url", "address_refusal"]
+__all__ = ["UrlPolicy", "UrlRefused", "address_refusal", "fetch_url", "is_url"]
 
 MAX_REDIRECTS = 3
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -184,7 +184,7 @@ def fetch_url(url: str, policy: UrlPolicy) -> bytes:
             if resp.status != 200:
                 raise ImageError(f"HTTP {resp.status} {resp.reason}")
             return _read_limited(resp, conn, deadline, policy)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise ImageError(f"timed out after {policy.timeout:g} s") from None
         except (OSError, http.client.HTTPException) as exc:
             raise ImageError(f"cannot fetch ({type(exc).__name__}: {exc})") from None
