@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import http.server
 import io
 import json
@@ -639,16 +640,22 @@ def test_each_redirect_hop_is_resolved_and_checked():
     from deit_cli.serve.urls import UrlPolicy, UrlRefused, fetch_url
 
     with image_server() as port:
-        resolved = {"images.example": ["127.0.0.1"], "evil.example": ["10.0.0.7"]}
-        policy = UrlPolicy(frozenset({"images.example", "evil.example"}),
+        resolved = {"images.example": ["127.0.0.1"], "evil.example": ["10.0.0.7"], "loop.example": ["127.0.0.2"],
+                    "both.example": ["93.184.215.14", "::1"]}  # fmt: skip
+        policy = UrlPolicy(frozenset(resolved),
                            (__import__("ipaddress").ip_network("127.0.0.1/32"),), timeout=2.0,
                            resolve=lambda host, port: resolved[host])  # fmt: skip
         assert fetch_url(f"http://images.example:{port}/img.png", policy) == _ImageHandler.image
         with pytest.raises(UrlRefused, match="private address 10.0.0.7"):
             fetch_url(f"http://images.example:{port}/redirect/http://evil.example:PORT/img.png", policy)
+        with pytest.raises(UrlRefused, match="loopback address 127.0.0.2"):  # only 127.0.0.1 was allowed
+            fetch_url(f"http://images.example:{port}/redirect/http://loop.example:PORT/img.png", policy)
+        with pytest.raises(UrlRefused, match="loopback address ::1"):  # every address must pass
+            fetch_url(f"http://both.example:{port}/img.png", policy)
         with pytest.raises(ImageError, match="HTTP 404"):
             fetch_url(f"http://images.example:{port}/missing", policy)
-        assert _ImageHandler.hits == ["/img.png", "/redirect/http://evil.example:PORT/img.png", "/missing"]
+        assert _ImageHandler.hits == ["/img.png", "/redirect/http://evil.example:PORT/img.png",
+                                      "/redirect/http://loop.example:PORT/img.png", "/missing"]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- the command
@@ -706,8 +713,17 @@ def _post(port: int, path: str, body: dict, timeout: float = 30) -> tuple[int, d
         return exc.code, dict(exc.headers), json.loads(exc.read())
 
 
+def _post_raw(port: int, body: bytes) -> int:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/score", data=body)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def test_real_server_batches_concurrent_clients_and_drains_on_sigterm(model_path):
-    proc, port, _ = _start_server(model_path, "--max-delay-ms", "300")
+    proc, port, _ = _start_server(model_path, "--max-delay-ms", "300", "--max-body-mb", "0.5")
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
             assert json.loads(r.read())["status"] == "ready"
@@ -729,6 +745,25 @@ def test_real_server_batches_concurrent_clients_and_drains_on_sigterm(model_path
             metrics = r.read().decode()
         batches = float(re.search(r"^deit_batch_size_count (\S+)", metrics, re.MULTILINE).group(1))
         assert batches < len(names)
+
+        # Over real HTTP: a body past the limit, chunked or announced; not JSON; still healthy.
+        big = json.dumps({"input_data": [b64(os.urandom(600 * 1024))]}).encode()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/score", body=iter([big[i : i + 65536] for i in range(0, len(big), 65536)]),
+                     encode_chunked=True, headers={"Content-Type": "application/json"})  # fmt: skip
+        r = conn.getresponse()
+        assert r.status == 413 and json.loads(r.read())["error_type"] == "body_too_large"
+        conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.putrequest("POST", "/score")
+        conn.putheader("Content-Length", str(10**9))  # a length it never sends
+        conn.endheaders()
+        r = conn.getresponse()
+        assert r.status == 413
+        conn.close()
+        assert _post_raw(port, b"not json") == 400
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+            assert r.status == 200
 
         # SIGTERM while requests wait in the queue: every one is answered, then exit 0.
         assert _post(port, "/score", bodies["red"])[0] == 200  # busy now: the next ones wait for company
