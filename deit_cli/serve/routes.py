@@ -16,7 +16,7 @@ import asyncio
 import time
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -44,10 +44,13 @@ async def read_body(request: Request, limit: int) -> bytes:
         if int(length) > limit:
             raise _too_large(int(length), limit)
     body = bytearray()
-    async for chunk in request.stream():  # chunked bodies are counted as they arrive
-        body += chunk
-        if len(body) > limit:
-            raise _too_large(None, limit)
+    try:
+        async for chunk in request.stream():  # chunked bodies are counted as they arrive
+            body += chunk
+            if len(body) > limit:
+                raise _too_large(None, limit)
+    except ClientDisconnect:
+        raise bad_request("the client went away before sending the whole body") from None
     return bytes(body)
 
 
