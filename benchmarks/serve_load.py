@@ -6,7 +6,7 @@ image-classification pipeline behind FastAPI, one request at a time.
     python benchmarks/serve_load.py [--requests 128] [--concurrency 1,8,32] [--reps 3] [--naive]
     python benchmarks/serve_load.py --model runs/x/model.safetensors --device cuda --dtype bf16
 
-Each request carries one 500x375 JPEG as base64 (`/score`). Prints, per server and
+Each request carries one of 64 500x375 JPEGs as base64 (`/score`). Prints, per server and
 concurrency: requests/s (= images/s here), p50/p90/p99 latency, the mean batch size (from
 the server's own /metrics), the error rate; medians over --reps runs, the servers
 interleaved (the machine is shared); then the ratios. Also `deit bench --end-to-end` at
@@ -197,6 +197,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--naive", action="store_true", help="Also the transformers pipeline behind FastAPI.")
     ap.add_argument("--no-bench", action="store_true", help="Skip `deit bench --end-to-end`.")
+    ap.add_argument("--serve-args", default="", help="More `deit serve` flags for both deit servers, e.g. '-j 1'.")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -221,7 +222,7 @@ def main() -> None:
         images = tmp / "images"
         images.mkdir()
         bodies = []
-        for i in range(16):
+        for i in range(64):
             buf = io.BytesIO()
             img = Image.fromarray((np.random.default_rng(i).random((375, 500, 3)) * 255).astype("uint8"))
             img.save(buf, "JPEG", quality=90)
@@ -231,7 +232,7 @@ def main() -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                "DEIT_API_KEY": ""}  # fmt: skip
         deit = [sys.executable, "-m", "deit_cli", "serve", "-m", model_path, "--port", "0", "--device", args.device,
-                "--dtype", args.dtype, "--max-queue", "1024"]  # fmt: skip
+                "--dtype", args.dtype, "--max-queue", "1024", *args.serve_args.split()]  # fmt: skip
         servers = {
             f"deit serve (batches of {args.batch})": (deit + ["--max-batch-size", str(args.batch),
                                                               "--max-delay-ms", str(args.delay_ms)], None),
