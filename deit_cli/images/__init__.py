@@ -1,7 +1,7 @@
 """Images: find the inputs, decode them safely, apply the evaluation transform, batch them.
 
     inputs.py     discovery: files, directories, globs, URLs, stdin (no torch, no Pillow)
-    decode.py     safe decoding: magic bytes, URL fetching, Pillow's guards
+    decode.py     safe decoding (files, URLs, bytes): magic bytes, URL fetching, Pillow's guards
     transform.py  the published evaluation transform
     batches.py    decoding in threads, batches in input order
 
@@ -25,6 +25,7 @@ _LAZY = {
     "ImageError": "decode",
     "ImageNotFound": "decode",
     "decode_image": "decode",
+    "decode_bytes": "decode",
     "EvalTransform": "transform",
     "eval_transform": "transform",
     "Batch": "batches",

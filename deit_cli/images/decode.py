@@ -269,6 +269,21 @@ def _decode_stream(
     return Decoded(image=image, notes=notes, format=fmt)
 
 
+def decode_bytes(
+    data: bytes,
+    name: str = "<bytes>",
+    *,
+    exif_transpose: bool = True,
+    allow_truncated: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Decoded:
+    """Decode an image held in memory (an upload, a request body) with the same checks
+    as `decode_image`: format from the leading bytes, pixel count from the header before
+    any pixel is decoded. `name` only appears in error messages."""
+    return _decode_stream(io.BytesIO(data), name, exif_transpose=exif_transpose,
+                          allow_truncated=allow_truncated, max_pixels=max_pixels)  # fmt: skip
+
+
 def decode_image(
     source: InputItem | str | os.PathLike,
     *,
