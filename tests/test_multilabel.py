@@ -198,3 +198,34 @@ def test_an_unknown_label_is_an_error(run_cpu, multi_path, multi_set):
     multi_set.write_text(multi_set.read_text() + json.dumps({"path": "img/red.png", "label": ["red", "mauve"]}) + "\n")
     rc, _, err = run_cpu("eval", multi_set, "-m", multi_path)
     assert rc == 65 and "mauve" in err
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def test_serve_answers_the_labels_over_the_threshold(run_cpu, multi_path, colour_dir):
+    import base64
+
+    from starlette.testclient import TestClient
+
+    from deit_cli.checkpoints import load_model
+    from deit_cli.engine.serve import ServedModel
+    from deit_cli.serve.app import Settings, create_app
+
+    files = [*colour_files(colour_dir), colour_dir / "mixed.png"]
+    images = [base64.b64encode(f.read_bytes()).decode() for f in files]
+    want = sigmoid_scores(multi_path, files)
+    with TestClient(create_app(ServedModel(load_model(str(multi_path)), device="cpu"), Settings())) as client:
+        for params, t in (({}, 0.3), ({"threshold": 0.6}, 0.6)):
+            r = client.post("/score", json={"input_data": images, "params": params})
+            assert r.status_code == 200, r.text
+            for answer, scores in zip(r.json(), want):
+                assert [a["label"] for a in answer] == [LABELS[i] for i in over(scores, t)]
+                np.testing.assert_allclose([a["score"] for a in answer], scores[over(scores, t)], atol=1e-5)
+        r = client.post("/v2/models/deit/infer", json={"inputs": [{"name": "image", "shape": [len(images)],
+                                                                   "datatype": "BYTES", "data": images}]})  # fmt: skip
+        assert r.status_code == 200, r.text
+        outputs = {o["name"]: o for o in r.json()["outputs"]}
+        np.testing.assert_allclose(np.reshape(outputs["probabilities"]["data"], want.shape), want, atol=1e-5)
+        assert outputs["predicted"]["data"] == [bool(v) for v in (want >= 0.3).ravel()]
+        assert client.post("/score", json={"input_data": images[:1], "params": {"threshold": 2}}).status_code == 400

@@ -49,6 +49,8 @@ class ServedModel:
         self.config = cfg
         self.labels = list(model.labels)
         self.has_classifier = cfg.num_classes > 0 and model.head is not None
+        self.multi_label = bool(getattr(model, "multi_label", False))  # sigmoid scores over a threshold
+        self.threshold = float(getattr(model, "threshold", 0.5))
         self.head = head or default_head(cfg)
         if self.head == "dist" and not cfg.has_dist_head:
             raise UsageError("head 'dist' needs a distilled model with a distillation classifier")
@@ -87,11 +89,12 @@ class ServedModel:
         return x
 
     def probabilities(self, images: Sequence[torch.Tensor]) -> np.ndarray:
-        """(N, classes) float32 softmax probabilities of one batch of preprocessed images."""
+        """(N, classes) float32 scores of one batch of preprocessed images: softmax
+        probabilities, or each class's sigmoid for a multi-label model."""
         if not self.has_classifier:
             raise UsageError("this model has no classifier head", "use /embed")
         logits = self.runner.logits(self._batch(images), self.head)[: len(images)]  # (N, classes) float32
-        return logits.softmax(dim=-1).cpu().numpy()
+        return (logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)).cpu().numpy()
 
     def embeddings(self, images: Sequence[torch.Tensor], pools: Sequence[str],
                    normalize: Sequence[bool]) -> list[np.ndarray]:  # fmt: skip

@@ -27,7 +27,8 @@ from .app import Service, service_of
 from .metrics import CONTENT_TYPE_LATEST
 from .queue import BatchQueue, QueueClosed, QueueFull, QueueTimeout
 from .schemas import (
-    ImageRequest, ServeError, bad_request, embed_params, image_bytes, parse_json, score_request, top_k_param,
+    ImageRequest, ServeError, bad_request, embed_params, image_bytes, parse_json, score_request, threshold_param,
+    top_k_param,
     v2_request,
 )  # fmt: skip
 from .urls import UrlRefused, fetch_url, is_url
@@ -143,10 +144,22 @@ def _require_classifier(service: Service) -> None:
         raise bad_request("this model has no classifier head; use /embed")
 
 
-def _top(service: Service, probs, k: int) -> list[dict[str, Any]]:
+def _top(service: Service, probs, k: int, threshold: float | None = None) -> list[dict[str, Any]]:
+    """The k best classes, best first; for a multi-label model only those whose sigmoid
+    score is at or above `threshold` (maybe none)."""
     labels = service.served.labels
     order = (-probs).argsort(kind="stable")[:k]
-    return [{"label": labels[i], "score": float(probs[i])} for i in order]
+    return [{"label": labels[i], "score": float(probs[i])} for i in order
+            if threshold is None or probs[i] >= threshold]  # fmt: skip
+
+
+def _selection(service: Service, params: dict) -> tuple[int, float | None]:
+    """(top_k, threshold): a multi-label model answers every label over its threshold
+    (params.threshold overrides; params.top_k caps), a single-label one its top 5."""
+    served = service.served
+    if served.multi_label:
+        return top_k_param(params, served.num_classes, served.num_classes), threshold_param(params, served.threshold)
+    return top_k_param(params, served.num_classes), None
 
 
 # ----------------------------------------------------------------- Azure and /embed
@@ -156,9 +169,9 @@ async def score(request: Request) -> Response:
     service = service_of(request)
     _require_classifier(service)
     req = score_request(await _json_body(request, service.classify_queue), service.settings.max_images)
-    k = top_k_param(req.params, service.served.num_classes)
+    k, threshold = _selection(service, req.params)
     probs, headers = await run_images(service, service.classify_queue, req)
-    return JSONResponse([_top(service, p, k) for p in probs], headers=headers)
+    return JSONResponse([_top(service, p, k, threshold) for p in probs], headers=headers)
 
 
 async def embed(request: Request) -> Response:
@@ -241,15 +254,21 @@ async def v2_infer(request: Request) -> Response:
     service = _model(request)
     _require_classifier(service)
     req = v2_request(await _json_body(request, service.classify_queue), service.settings.max_images)
-    k = top_k_param(req.params, service.served.num_classes)
+    k, threshold = _selection(service, req.params)
     probs, headers = await run_images(service, service.classify_queue, req)
     n, c = len(probs), service.served.num_classes
-    tops = [_top(service, p, k) for p in probs]
-    body: dict[str, Any] = {"model_name": service.settings.name, "outputs": [
-        {"name": "probabilities", "datatype": "FP32", "shape": [n, c], "data": [float(v) for p in probs for v in p]},
-        {"name": "labels", "datatype": "BYTES", "shape": [n, k], "data": [t["label"] for ts in tops for t in ts]},
-        {"name": "scores", "datatype": "FP32", "shape": [n, k], "data": [t["score"] for ts in tops for t in ts]},
-    ]}  # fmt: skip
+    outputs = [{"name": "probabilities", "datatype": "FP32", "shape": [n, c],
+                "data": [float(v) for p in probs for v in p]}]  # fmt: skip
+    if threshold is not None:  # multi-label: the sigmoid scores and which are over the threshold
+        outputs.append({"name": "predicted", "datatype": "BOOL", "shape": [n, c],
+                        "data": [bool(v >= threshold) for p in probs for v in p]})  # fmt: skip
+    else:
+        tops = [_top(service, p, k) for p in probs]
+        outputs += [
+            {"name": "labels", "datatype": "BYTES", "shape": [n, k], "data": [t["label"] for ts in tops for t in ts]},
+            {"name": "scores", "datatype": "FP32", "shape": [n, k], "data": [t["score"] for ts in tops for t in ts]},
+        ]
+    body: dict[str, Any] = {"model_name": service.settings.name, "outputs": outputs}
     if req.id is not None:
         body["id"] = req.id
     return JSONResponse(body, headers=headers)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["ServeError", "ImageRequest", "parse_json", "score_request", "v2_request", "image_bytes",
-           "top_k_param", "embed_params", "DEFAULT_TOP_K"]  # fmt: skip
+           "top_k_param", "threshold_param", "embed_params", "DEFAULT_TOP_K"]  # fmt: skip
 
 DEFAULT_TOP_K = 5
 
@@ -167,9 +167,17 @@ def _flatten(data: list, depth: int = 0) -> list:
     return out
 
 
-def top_k_param(params: dict, num_classes: int) -> int:
+def threshold_param(params: dict, default: float) -> float:
+    """params.threshold (multi-label models; default the model's), a number in [0, 1]."""
+    t = params.get("threshold", default)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+        raise bad_request(f"threshold must be a number in [0, 1], not {t!r}"[:200])
+    return float(t)
+
+
+def top_k_param(params: dict, num_classes: int, default: int = DEFAULT_TOP_K) -> int:
     """params.top_k (default 5), at most the number of classes."""
-    k = params.get("top_k", DEFAULT_TOP_K)
+    k = params.get("top_k", default)
     if isinstance(k, bool) or not isinstance(k, int):
         raise bad_request(f"top_k must be a positive integer, not {_json_type(k)}")
     if k < 1:
