@@ -63,7 +63,8 @@ META = {
     "pool": "deit.pool",  # features: token | avg | cls | dist | tokens
     "dtype": "deit.dtype",  # fp32 | fp16 (the weights and arithmetic; inputs/outputs are float32)
     "config": "deit.config",  # JSON DeiTConfig (image_size is the exported size)
-    "source": "deit.source",
+    "source": "deit.source",  # what the user named
+    "origin": "deit.origin",  # where the weights first came from (as `deit convert` records it)
     "version": "deit.version",
 }
 
@@ -322,7 +323,8 @@ def onnx_metadata(model: DeiT, spec: GraphSpec) -> dict[str, str]:
         META["pool"]: spec.pool or "",
         META["dtype"]: spec.dtype,
         META["config"]: json.dumps(model.config.to_dict()),
-        META["source"]: str(model.origin or model.source),
+        META["source"]: str(model.source),
+        META["origin"]: str(model.origin or model.source),
         META["version"]: __version__,
     }
 
