@@ -24,6 +24,8 @@ import copy
 import io
 import json
 import logging
+import os
+import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -217,17 +219,22 @@ def _check_options(dtype: str, opset: int | None, features: bool, head: str | No
 
 
 def _write_graph(graph: _Graph, x: torch.Tensor, path: Path, opset: int, output: str, meta: dict[str, str]) -> None:
-    """torch.onnx.export (dynamo, onnxscript) with a dynamic batch axis; its chatter (warnings,
-    logging, prints) is kept off the user's stderr unless it fails (DEIT_DEBUG shows it all)."""
+    """torch.onnx.export (dynamo, onnxscript) with a dynamic batch axis. Its chatter (warnings,
+    logging, prints) is not the user's business: kept off stdout always, and off stderr
+    unless DEIT_DEBUG is set."""
     batch = torch.export.Dim("batch", min=1)
     chatter = io.StringIO()
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "onnx_ir", "torch._dynamo")]
     levels = [lg.level for lg in loggers]
+    quiet = not os.environ.get("DEIT_DEBUG")
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-            warnings.simplefilter("ignore")
-            for lg in loggers:
-                lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.ExitStack() as stack:
+            stack.enter_context(contextlib.redirect_stdout(chatter if quiet else sys.stderr))  # stdout is data only
+            if quiet:
+                warnings.simplefilter("ignore")
+                stack.enter_context(contextlib.redirect_stderr(chatter))
+                for lg in loggers:
+                    lg.setLevel(logging.ERROR)
             program = torch.onnx.export(
                 graph.eval(), (x,), None, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
                 output_names=[output], dynamic_shapes={"x": {0: batch}}, optimize=True, verbose=False,
