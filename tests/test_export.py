@@ -108,15 +108,18 @@ def test_onnxruntime_logits_equal_ours(run_cli, tiny_paths, tmp_path, kind, size
     assert parsed["labels"] == LABELS and parsed["multi_label"] is False and parsed["preprocessing"] == pre
 
 
-def test_fp16_within_tolerance_and_same_top1(run_cli, tiny_paths, tmp_path):
-    from deit_cli.engine.export import TOLERANCES
+def test_fp16_within_tolerance_and_same_top1(tiny_paths, tmp_path):
+    from deit_cli.engine.export import TOLERANCES, export_model, read_metadata
 
     dst = tmp_path / "half.onnx"
-    summary = export_json(run_cli, tiny_paths["distilled"], dst, "--dtype", "fp16", "--head", "cls")
-    assert summary["dtype"] == "fp16" and summary["top1_agreement"] == 1.0
+    model = deit_cli.load_model(str(tiny_paths["distilled"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = export_model(model, dst, dtype="fp16", head="cls")  # the library API
+    assert result.dtype == "fp16" and result.top1_agreement == 1.0 and result.max_abs_diff <= result.tolerance
+    assert model.dtype == torch.float32 and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert read_metadata(dst)["dtype"] == "fp16" and read_metadata(dst)["head"] == "cls"
     weights = [t for t in onnx.load(str(dst)).graph.initializer if t.dims and np.prod(t.dims) > 100]
     assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)  # stored in fp16
-    model = deit_cli.load_model(str(tiny_paths["distilled"]))
     x = images(8, 224, seed=5)
     with torch.no_grad():
         want = model.forward_head(model.forward_features(x), "cls").numpy()

@@ -124,7 +124,7 @@ class _Graph(nn.Module):
     def __init__(self, model: DeiT, spec: GraphSpec):
         super().__init__()
         self.spec, self.dtype = spec, resolve_dtype(spec.dtype)
-        self.model = copy.deepcopy(model).to(self.dtype) if model.dtype != self.dtype else model
+        self.model = _copy_to(model, self.dtype) if model.dtype != self.dtype else model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _outputs(self.model, x.to(self.dtype), self.spec).float()
@@ -140,7 +140,13 @@ def _outputs(model: DeiT, x: torch.Tensor, spec: GraphSpec) -> torch.Tensor:
 @torch.inference_mode()
 def _reference(model: DeiT, x: torch.Tensor, spec: GraphSpec) -> torch.Tensor:
     """Our answer: the reference forward in fp32, what the graph is compared with."""
-    return _outputs(copy.deepcopy(model).float() if model.dtype != torch.float32 else model, x, spec)
+    return _outputs(_copy_to(model, torch.float32) if model.dtype != torch.float32 else model, x, spec)
+
+
+def _copy_to(model: DeiT, where) -> DeiT:
+    """A copy on another device or dtype, with its labels, preprocessing and source
+    (`nn.Module.to` would change the model in place)."""
+    return copy.deepcopy(model).to(where)
 
 
 def export(
@@ -167,10 +173,14 @@ def export_model(
     model: DeiT, dst: Path, *, dtype: str = "fp32", opset: int | None = None, head: str | None = None,
     features: bool = False, pool: str | None = None, force: bool = False, tolerance: float | None = None,
 ) -> ExportResult:  # fmt: skip
-    """Export a loaded model (its size is the graph's; `load_model(image_size=...)` resamples)."""
+    """Export a loaded model (its size is the graph's; `load_model(image_size=...)` resamples).
+    The model is not changed; one on another device is copied to the CPU, where both the
+    export and the check run."""
     dtype, opset = _check_options(dtype, opset, features, head, pool)
     onnx, ort = require_extra()
     check_destination(dst, force=force)
+    if model.device.type != "cpu":
+        model = _copy_to(model, "cpu")
     cfg = model.config
     if features:
         spec = GraphSpec("features", None, _check_pool(cfg, pool or default_pool(cfg)), dtype)
