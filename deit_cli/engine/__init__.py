@@ -6,6 +6,7 @@
     features.py  extract_features, pools, and the .npy/.safetensors/.jsonl writers
     evaluate.py  labelled sets, top-k metrics across processes, the eval summary
     bench.py     throughput, latency, memory; peers.py: timm and transformers beside it
+    export.py    export / export_model: an ONNX file, checked with onnxruntime; read_metadata
 
 Nothing here prints or parses flags: the CLI (and the server) render what these return.
 A library user can do from here whatever the CLI does. Names are imported lazily; the
@@ -23,6 +24,7 @@ _LAZY = {
     "Prediction": "classify",
     "Classification": "classify",
     "default_head": "classify",
+    "check_head": "classify",
     "Features": "features",
     "extract_features": "features",
     "default_pool": "features",
@@ -33,6 +35,8 @@ _LAZY = {
     "labelled_set": "evaluate",
     "BenchSpec": "bench",
     "run_bench": "bench",
+    "export_model": "export",
+    "read_metadata": "export",
 }
 
 __all__ = list(_LAZY)
