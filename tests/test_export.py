@@ -264,6 +264,7 @@ def test_a_mismatch_is_65_and_leaves_nothing(run_cli, model_path, tmp_path, monk
         (["--pool", "avg"], "--pool needs --features"),
         (["--features", "--head", "cls"], "choose one"),
         (["--dtype", "bf16"], "unknown precision"),
+        (["--image-size", "100"], "not a multiple of the patch size 16"),
     ],
 )
 def test_usage_errors(run_cli, tiny_paths, tmp_path, args, message):
