@@ -21,6 +21,10 @@ HEADS = ("avg", "cls", "dist")
 POOLS = ("token", "avg", "cls", "dist", "tokens")
 POOL_ALIASES = {"mean": "avg"}
 SCORES = ("prob", "logit")
+# `deit export`: what an ONNX graph stores, and the opset it is written at by default
+# (18: the widest runtime support that still has LayerNormalization, which needs 17).
+EXPORT_DTYPES = ("fp32", "fp16")
+DEFAULT_OPSET = 18
 # Precision names; float32/float16/bfloat16 (and float, half) are accepted as aliases.
 DTYPES = ("fp32", "bf16", "fp16")
 DTYPE_ALIASES = {

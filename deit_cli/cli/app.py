@@ -16,7 +16,7 @@ from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, DeiTError, Out
 from . import output
 
 # One module per command (cli/X.py); importing one must not import torch.
-COMMANDS = ("classify", "features", "evaluate", "explain", "convert", "models", "bench", "serve")
+COMMANDS = ("classify", "features", "evaluate", "explain", "convert", "export", "models", "bench", "serve")
 
 class _Group(TyperGroup):
     def invoke(self, ctx):
@@ -28,7 +28,7 @@ class _Group(TyperGroup):
 app = typer.Typer(
     cls=_Group,
     name="deit",
-    help="Data-efficient Image Transformers (DeiT): classify, extract features, convert, benchmark, evaluate.",
+    help="Data-efficient Image Transformers (DeiT): classify, extract features, convert, export, benchmark, evaluate.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},

@@ -7,6 +7,7 @@
     evaluate.py  labelled sets, top-k metrics across processes, the eval summary
     bench.py     throughput, latency, memory; peers.py: timm and transformers beside it
     explain.py   attention maps (last block, rollout) per image, and their files; picture.py draws them
+    export.py    export / export_model: an ONNX file, checked with onnxruntime; read_metadata
 
 Nothing here prints or parses flags: the CLI (and the server) render what these return.
 A library user can do from here whatever the CLI does. Names are imported lazily; the
@@ -26,6 +27,7 @@ _LAZY = {
     "Prediction": "classify",
     "Classification": "classify",
     "default_head": "classify",
+    "check_head": "classify",
     "Features": "features",
     "extract_features": "features",
     "default_pool": "features",
@@ -38,6 +40,8 @@ _LAZY = {
     "run_bench": "bench",
     "Explanation": "explain",
     "attention_maps": "explain",
+    "export_model": "export",
+    "read_metadata": "export",
 }
 
 __all__ = list(_LAZY)

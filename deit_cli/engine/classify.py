@@ -25,7 +25,7 @@ from ..model import DeiT
 from .results import ImageOptions, Result, reason, run_batches
 from .runner import prepare
 
-__all__ = ["Prediction", "Classification", "default_head", "classify", "write_shard", "read_shard"]
+__all__ = ["Prediction", "Classification", "default_head", "check_head", "classify", "write_shard", "read_shard"]
 
 
 @dataclass
@@ -63,6 +63,19 @@ def default_head(config: DeiTConfig) -> str:
     return "avg" if config.distilled else "cls"
 
 
+def check_head(model: DeiT, head: str | None, *, hint: str | None = None) -> str:
+    """The classifier `head` names (default: `default_head`), checked to exist in `model`."""
+    cfg = model.config
+    if cfg.num_classes == 0 or model.head is None:
+        raise UsageError("this model has no classifier head", hint)
+    head = head or default_head(cfg)
+    if head not in HEADS:
+        raise UsageError(f"unknown head {head!r}; use one of {', '.join(HEADS)}")
+    if head == "dist" and not cfg.has_dist_head:
+        raise UsageError("head 'dist' needs a distilled model with a distillation classifier")
+    return head
+
+
 def classify(
     model: DeiT,
     items: Iterable[InputItem],
@@ -82,13 +95,7 @@ def classify(
     is at or above `threshold` (default: the model's), at most `top` of them; an image with
     none over it gets an empty list."""
     cfg = model.config
-    if cfg.num_classes == 0 or model.head is None:
-        raise UsageError("this model has no classifier head", "use extract-features instead")
-    head = head or default_head(cfg)
-    if head not in HEADS:
-        raise UsageError(f"unknown head {head!r}; use one of {', '.join(HEADS)}")
-    if head == "dist" and not cfg.has_dist_head:
-        raise UsageError("head 'dist' needs a distilled model with a distillation classifier")
+    head = check_head(model, head, hint="use extract-features instead")
     if scores not in SCORES:
         raise UsageError(f"unknown scores {scores!r}; use prob or logit")
     if top < 1:
