@@ -229,3 +229,13 @@ def test_serve_answers_the_labels_over_the_threshold(run_cpu, multi_path, colour
         np.testing.assert_allclose(np.reshape(outputs["probabilities"]["data"], want.shape), want, atol=1e-5)
         assert outputs["predicted"]["data"] == [bool(v) for v in (want >= 0.3).ravel()]
         assert client.post("/score", json={"input_data": images[:1], "params": {"threshold": 2}}).status_code == 400
+
+
+def test_export_says_it_is_multi_label(run_cli, multi_path, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from deit_cli.engine.export import read_metadata
+
+    rc, _, err = run_cli("export", multi_path, tmp_path / "m.onnx")
+    assert rc == 0, err
+    meta = read_metadata(tmp_path / "m.onnx")
+    assert meta["multi_label"] is True and meta["threshold"] == 0.3

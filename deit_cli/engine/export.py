@@ -59,6 +59,7 @@ TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float16: (2e-2, 1e-2)}
 META = {
     "labels": "deit.labels",  # JSON list, one per class (empty for features)
     "multi_label": "deit.multi_label",  # "true"/"false": sigmoid per class instead of softmax
+    "threshold": "deit.threshold",  # multi-label only: a label is predicted at or above this score
     "preprocessing": "deit.preprocessing",  # JSON: image_size, crop_pct, resize_size, resize_mode, ...
     "output": "deit.output",  # "logits" or "features"
     "head": "deit.head",  # logits: avg | cls | dist
@@ -331,9 +332,9 @@ def onnx_metadata(model: DeiT, spec: GraphSpec) -> dict[str, str]:
     pre = model.preprocessing or Preprocessing(image_size=model.config.image_size)
     pre_d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(pre).items()}
     pre_d["resize_size"] = pre.resize_size
-    return {
+    meta = {
         META["labels"]: json.dumps(list(model.labels) if spec.output == "logits" else [], ensure_ascii=False),
-        META["multi_label"]: "false",  # deit trains single-label (softmax) classifiers today
+        META["multi_label"]: "true" if getattr(model, "multi_label", False) else "false",  # sigmoid per class
         META["preprocessing"]: json.dumps(pre_d),
         META["output"]: spec.output,
         META["head"]: spec.head or "",
@@ -344,6 +345,9 @@ def onnx_metadata(model: DeiT, spec: GraphSpec) -> dict[str, str]:
         META["origin"]: str(model.origin or model.source),
         META["version"]: __version__,
     }
+    if getattr(model, "multi_label", False):
+        meta[META["threshold"]] = repr(float(model.threshold))
+    return meta
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -354,8 +358,12 @@ def read_metadata(path: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, key in META.items():
         if key not in props:
+            if name == "threshold":  # multi-label models only
+                continue
             raise CheckpointError(f"{path}: no {key} metadata; not a file `deit export` wrote")
         value = props[key]
         out[name] = json.loads(value) if name in ("labels", "preprocessing", "config") else value
     out["multi_label"] = out["multi_label"] == "true"
+    if "threshold" in out:
+        out["threshold"] = float(out["threshold"])
     return out
