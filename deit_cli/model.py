@@ -48,10 +48,20 @@ class Block(nn.Module):
         self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.qkv_bias)
         self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(cfg.embed_dim, cfg.mlp_dim)
+        self.drop_path = 0.0  # stochastic depth, training only (DeiT.set_drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + _drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + _drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch of a sample with probability p
+    (scaled by 1/(1-p) when kept), as timm's DropPath. The identity in eval."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
+    return x * keep.div_(1 - p)
 
 
 class PatchEmbed(nn.Module):
@@ -104,6 +114,13 @@ class DeiT(nn.Module):
                 fan_in = m.weight[0].numel()
                 m.weight.copy_(_trunc_normal(m.weight.shape, 1 / math.sqrt(fan_in), g))
                 nn.init.zeros_(m.bias)
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth for training, rising linearly from 0 at the first block to
+        `rate` at the last (the original release's schedule). No effect in eval."""
+        n = len(self.blocks)
+        for i, block in enumerate(self.blocks):
+            block.drop_path = rate * i / (n - 1) if n > 1 else rate
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) -> all tokens after the final norm (B, prefix + patches, D)."""

@@ -16,7 +16,7 @@ from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, DeiTError, Out
 from . import output
 
 # One module per command (cli/X.py); importing one must not import torch.
-COMMANDS = ("classify", "features", "evaluate", "convert", "models", "bench")
+COMMANDS = ("classify", "features", "evaluate", "convert", "models", "bench", "train")
 
 class _Group(TyperGroup):
     def invoke(self, ctx):
