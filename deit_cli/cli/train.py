@@ -80,7 +80,7 @@ def train(
     val: Annotated[str | None, _opt("--val", help="A validation set (same forms as DATA).")] = None,
     val_split: Annotated[float | None, _opt("--val-split", help="Hold out this fraction of DATA, per class, "
                                                                 "for validation (deterministic).")] = None,
-    resume: Annotated[bool, _opt("--resume", help="Continue the run in RUN_DIR (its saved settings).")] = False,
+    resume: Annotated[bool, _opt("--resume", help="Continue the run in RUN_DIR with its saved settings (with --epochs: up to that many).")] = False,
     force: ForceOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32",
@@ -130,7 +130,7 @@ def train(
         image_size=image_size, teacher=teacher, teacher_weights=str(teacher_weights) if teacher_weights else None,
         distillation=distillation.value if distillation else None, alpha=alpha, tau=tau, val=val,
         val_split=val_split, resume=resume, force=force, device=device, dtype=dtype, compile=compile_,
-        grad_accum=grad_accum, workers=workers, seed=seed,
+        grad_accum=grad_accum, workers=workers, seed=seed, resume_epochs=epochs if resume else None,
     )  # fmt: skip
     output.set_batch_size(opts.recipe.batch_size)
     main = distributed.is_main()

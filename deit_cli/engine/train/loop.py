@@ -14,6 +14,7 @@ CLI shows comes through the `Events` callbacks.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import os
@@ -83,6 +84,7 @@ class TrainOptions:
     grad_accum: int = 1
     workers: int | None = None
     seed: int = 0
+    resume_epochs: int | None = None  # --resume with --epochs: train the run to this many epochs
 
     def to_plain(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -608,13 +610,17 @@ def _train(opts: TrainOptions, events: Events) -> dict:
     if opts.resume:
         ckpt = read_run_checkpoint(opts.run_dir / "checkpoint.pt")
         saved = ckpt["args"]
-        keep = {k: getattr(opts, k) for k in ("device", "workers", "compile")}
+        keep = {k: getattr(opts, k) for k in ("device", "workers", "compile", "resume_epochs")}
         fixed = ("recipe", "config", "run_dir", "data", "resume", "force", *keep)
         opts = replace(opts, **{k: v for k, v in saved.items() if k in TrainOptions.__dataclass_fields__
                                 and k not in fixed},
                        recipe=Recipe.from_dict(saved["recipe"]),
                        config=DeiTConfig.from_dict(saved["config"]) if saved.get("config") else None,
                        resume=True, **keep)  # fmt: skip
+        if opts.resume_epochs is not None:
+            opts = replace(opts, recipe=replace(opts.recipe, epochs=opts.resume_epochs))
+            if opts.resume_epochs < ckpt["epoch"]:
+                raise UsageError(f"--epochs {opts.resume_epochs}: the run has done {ckpt['epoch']} epochs already")
     recipe = opts.recipe
     if opts.grad_accum < 1:
         raise UsageError("--grad-accum must be at least 1")
@@ -711,8 +717,10 @@ def _train(opts: TrainOptions, events: Events) -> dict:
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
                 "args": opts.to_plain(), "best": best, "running": run.running,
             }  # fmt: skip
+            buffer = io.BytesIO()  # serialised first, so that a failing write is an OSError (exit 74)
+            torch.save(state, buffer)
             with atomic_path(path) as tmp:
-                torch.save(state, tmp)
+                tmp.write_bytes(buffer.getbuffer())
         distributed.barrier()
         return path
 
@@ -742,8 +750,12 @@ def _train(opts: TrainOptions, events: Events) -> dict:
             save_checkpoint(epoch + 1, 0)
             if rank == 0:
                 _write_metrics(metrics_path, history)
+            # a Ctrl-C during evaluation or saving stops here; one after the epoch's line,
+            # at the next epoch's first step boundary
+            stop = run.stop.set or (run.world > 1 and _all_sum([float(run.stop.set)])[0] > 0)
+            if rank == 0:
                 events.epoch_end(record)
-            if run.stop.set:
+            if stop:
                 raise TrainingInterrupted(f"interrupted after epoch {epoch + 1}; checkpoint saved",
                                           "continue with the same command and --resume")  # fmt: skip
 

@@ -111,7 +111,7 @@ def _check(r: Recipe) -> None:
     need(r.batch_size >= 1, f"--batch-size must be at least 1, not {r.batch_size}")
     need(r.peak_lr() > 0, "--lr must be positive")
     need(r.min_lr >= 0 and r.warmup_lr >= 0, "--min-lr and --warmup-lr must not be negative")
-    need(0 <= r.warmup_epochs <= r.epochs, f"--warmup-epochs must be between 0 and --epochs ({r.epochs})")
+    need(r.warmup_epochs >= 0, "--warmup-epochs must not be negative")
     need(r.weight_decay >= 0, "--weight-decay must not be negative")
     need(0 <= r.smoothing < 1, "--smoothing must be in [0, 1)")
     need(r.mixup >= 0 and r.cutmix >= 0, "--mixup and --cutmix must not be negative")
