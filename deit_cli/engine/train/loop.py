@@ -162,9 +162,10 @@ class Teacher(nn.Module):
     """A teacher in eval mode without gradients; the student's batch is renormalised and
     resized to what the teacher expects when `expects` (a Preprocessing) says otherwise."""
 
-    def __init__(self, net: nn.Module, student: Preprocessing, expects: Preprocessing | None):
+    def __init__(self, net: nn.Module, student: Preprocessing, expects: Preprocessing | None, fast=None):
         super().__init__()
         self.net = net.eval().requires_grad_(False)
+        self.fast = fast  # a DeiT teacher runs on the inference engine's fast path (engine.runner)
         self.adapt = expects is not None and (
             expects.image_size != student.image_size or tuple(expects.mean) != tuple(student.mean)
             or tuple(expects.std) != tuple(student.std))  # fmt: skip
@@ -180,6 +181,8 @@ class Teacher(nn.Module):
             x = x * self.scale + self.shift
             if x.shape[-1] != self.size:
                 x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False)
+        if self.fast is not None:
+            return self.fast(x).clone()  # out of inference mode: the loss may save it for backward
         return self.net(x)
 
 
@@ -656,7 +659,12 @@ def _train(opts: TrainOptions, events: Events) -> dict:
     teacher = None
     if opts.teacher is not None:
         net, expects, _ = load_teacher(opts.teacher, opts.teacher_weights, len(classes))
-        teacher = Teacher(net, model.preprocessing, expects).to(device)
+        fast = None
+        if isinstance(net, DeiT):
+            from ..runner import prepare
+
+            fast = prepare(net, device=device, dtype=amp_dtype or torch.float32, compile=opts.compile)
+        teacher = Teacher(net, model.preprocessing, expects, fast).to(device)
         if teacher.adapt:
             events.note(f"the teacher expects {expects.image_size}px with its own mean/std: "
                         "each batch is resized/renormalised for it")  # fmt: skip
