@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import HEADS, DeiTConfig
 
-__all__ = ["DeiT", "DeiTConfig", "HEADS", "resample_pos_embed"]
+__all__ = ["HEADS", "DeiT", "DeiTConfig", "resample_pos_embed"]
 
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
@@ -183,7 +183,7 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens
     """Resample (1, prefix + g*g, D) position embeddings to a new grid: bicubic with
     antialiasing on the patch part, prefix (class/distillation) tokens kept, as timm does."""
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    old = int(math.isqrt(grid.shape[1]))
+    old = math.isqrt(grid.shape[1])
     if old * old != grid.shape[1]:
         raise ValueError(f"position embeddings of {grid.shape[1]} patches are not a square grid")
     if old == new_grid:

@@ -12,7 +12,16 @@ import typer
 
 from ..errors import UsageError
 from . import output
-from .options import DEFAULT_MODEL_NAME, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelOpt, QuietOpt, WorkersOpt
+from .options import (
+    DEFAULT_MODEL_NAME,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    JsonOpt,
+    ModelOpt,
+    QuietOpt,
+    WorkersOpt,
+)
 
 
 class RecipeName(str, Enum):
@@ -67,6 +76,8 @@ def train(
                                                                            "each image per epoch.")] = None,
     model_ema: Annotated[bool | None, _opt("--model-ema/--no-model-ema", help="Keep an EMA of the weights "
                                            "(saved as model.safetensors).", show_default=False)] = None,
+    model_ema_decay: Annotated[float | None, _opt("--model-ema-decay", help="EMA decay per step "
+                                                  "(recipe: 0.99996).")] = None,
     clip_grad: Annotated[float | None, _opt("--clip-grad", help="Clip the gradient norm to this.")] = None,
     seed: Annotated[int, _opt("--seed", help="Seed of the data order, augmentation and initialisation.")] = 0,
     teacher: Annotated[str | None, _opt("--teacher", help="A deit model source, or torchvision:NAME / timm:NAME "
@@ -124,7 +135,7 @@ def train(
     overrides = dict(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
                      warmup_lr=warmup_lr, weight_decay=weight_decay, smoothing=smoothing, mixup=mixup, cutmix=cutmix,
                      reprob=reprob, drop_path=drop_path, repeated_aug=repeated_aug, model_ema=model_ema,
-                     clip_grad=clip_grad)  # fmt: skip
+                     ema_decay=model_ema_decay, clip_grad=clip_grad)  # fmt: skip
     opts = TrainOptions(
         data=data, run_dir=run_dir, recipe=resolve_recipe(name, overrides), model=model, scratch=scratch, config=cfg,
         image_size=image_size, teacher=teacher, teacher_weights=str(teacher_weights) if teacher_weights else None,
@@ -164,7 +175,13 @@ class _Events:
     def epoch_start(self, epoch: int, epochs: int, steps: int, start_step: int) -> None:
         if not self.bar:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self.close()
         self._progress = Progress(

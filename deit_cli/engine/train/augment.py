@@ -45,15 +45,15 @@ def _rrc_box(w: int, h: int, rng: random.Random, scale=(0.08, 1.0), ratio=(3 / 4
     for _ in range(10):
         target = area * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(*log_ratio))
-        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < cw <= w and 0 < ch <= h:
             top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
             return left, top, left + cw, top + ch
     in_ratio = w / h
     if in_ratio < ratio[0]:
-        cw, ch = w, int(round(w / ratio[0]))
+        cw, ch = w, round(w / ratio[0])
     elif in_ratio > ratio[1]:
-        ch, cw = h, int(round(h * ratio[1]))
+        ch, cw = h, round(h * ratio[1])
     else:
         cw, ch = w, h
     top, left = (h - ch) // 2, (w - cw) // 2
@@ -151,7 +151,7 @@ def _erase(x: torch.Tensor, rng: random.Random, scale=(0.02, 1 / 3), log_ratio=(
     for _ in range(10):
         target = h * w * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(*log_ratio))
-        eh, ew = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        eh, ew = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if ew < w and eh < h:
             top, left = rng.randint(0, h - eh), rng.randint(0, w - ew)
             noise = np.random.default_rng(rng.getrandbits(63)).standard_normal((x.shape[0], eh, ew), dtype=np.float32)

@@ -17,7 +17,6 @@ import copy
 import io
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -32,11 +31,19 @@ from torch import nn
 
 from ... import distributed
 from ...config import DeiTConfig
-from ...errors import EXIT_DATA, EXIT_INTERRUPTED, CheckpointError, DeiTError, InputNotFound, OutputExists, UsageError
+from ...errors import (
+    EXIT_DATA,
+    EXIT_INTERRUPTED,
+    CheckpointError,
+    DeiTError,
+    InputNotFound,
+    OutputExists,
+    UsageError,
+)
 from ...files import atomic_path
 from ...model import DeiT
 from ...variants import DEFAULT_MODEL, Preprocessing, find_variant, variant_for_config
-from ..runner import resolve_device, resolve_dtype
+from ..runner import resolve_device
 from . import data as train_data
 from .augment import Mixup, build_transform
 from .losses import DistillationLoss, base_loss
@@ -227,7 +234,13 @@ def load_teacher(spec: str, weights: str | None, num_classes: int) -> tuple[nn.M
 
 
 def _load_teacher_weights(net: nn.Module, path: Path, spec: str, num_classes: int) -> None:
-    from ...checkpoints.formats import SAFETENSORS, detect_format, find_state_dict, read_safetensors, read_torch
+    from ...checkpoints.formats import (
+        SAFETENSORS,
+        detect_format,
+        find_state_dict,
+        read_safetensors,
+        read_torch,
+    )
 
     if not path.is_file():
         raise InputNotFound(f"{path}: no such file")
@@ -430,7 +443,7 @@ def train_one_epoch(run: _Run, epoch: int, start_step: int, save_checkpoint) -> 
             sums["samples"] += n
             sums["failed"] += batch.failed
             run.global_step += 1
-            stop, bad = (0, 0) if run.world == 1 else _all_sum([float(run.stop.set), 0.0])
+            stop = 0 if run.world == 1 else _all_sum([float(run.stop.set)])[0]
             if run.rank == 0:
                 run.events.step(epoch, batch.step, loss_value / max(n, 1), lr, n)
             if run.stop.set or stop:
@@ -445,7 +458,7 @@ def train_one_epoch(run: _Run, epoch: int, start_step: int, save_checkpoint) -> 
         batches.close()
     sums["seconds"] += time.perf_counter() - started
     loss_sum, samples, seconds = _all_sum([sums["loss"], float(sums["samples"]), sums["seconds"]])
-    failed = sum(distributed.gather_objects(sums["failed"]), [])
+    failed = [f for rank_failed in distributed.gather_objects(sums["failed"]) for f in rank_failed]
     run.running = {}
     return {"lr": lr, "train_loss": loss_sum / max(samples, 1), "train_images": int(samples),
             "images_per_s": samples / max(seconds / run.world, 1e-9), "seconds": seconds / run.world,
@@ -533,7 +546,7 @@ def evaluate(model: DeiT, val: train_data.TrainSet, *, device: torch.device, amp
         correctk += (top == y[:, None]).any(1).sum().item()
         seen += len(y)
     correct1, correctk, loss_sum, seen = _all_sum([correct1, correctk, loss_sum, seen])
-    failed = sum(distributed.gather_objects(failed), [])
+    failed = [f for rank_failed in distributed.gather_objects(failed) for f in rank_failed]
     model.train(was_training)
     return {"val_top1": correct1 / seen if seen else None, f"val_top{k}": correctk / seen if seen else None,
             "val_loss": loss_sum / seen if seen else None, "val_images": int(seen), "val_skipped": len(failed),
@@ -576,6 +589,13 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
     if holds and not force:
         raise OutputExists(f"{run_dir}: already holds a run ({', '.join(holds)})",
                            "continue it with --resume, or replace it with --force")  # fmt: skip
+
+
+def create_run_dir(run_dir: Path, *, resume: bool) -> None:
+    """Make RUN_DIR (and, with --force, clear the old run's files), once the inputs are known good."""
+    if resume:
+        return
+    holds = [name for name in RUN_FILES if (run_dir / name).exists()]
     if distributed.is_main():
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -703,6 +723,7 @@ def _train(opts: TrainOptions, events: Events) -> dict:
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    create_run_dir(opts.run_dir, resume=opts.resume)
     metrics_path = opts.run_dir / "metrics.jsonl"
     history = _read_metrics(metrics_path, start_epoch) if ckpt is not None else []
 
