@@ -464,3 +464,24 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_last_one(tmp_path, run_cpu, s
     assert "checkpoint.pt: write failed: file too large" in p.stderr
     assert (run / "checkpoint.pt").read_bytes() == before
     assert not [f for f in run.iterdir() if f.name.startswith(".")]  # no temporary left behind
+
+
+def test_torchvision_and_timm_teachers_distil_with_their_own_input(tmp_path, run_cpu):
+    import timm
+    import torchvision
+
+    data = make_set(tmp_path / "data", 4)
+    student = tiny_model(tmp_path / "student.safetensors")
+    tv = torchvision.models.get_model("squeezenet1_1", weights=None, num_classes=3)
+    torch.save(tv.state_dict(), tmp_path / "tv.pth")
+    tm = timm.create_model("test_vit", pretrained=False, num_classes=3)  # 160 px, mean/std 0.5
+    save_safetensors(tmp_path / "tm.safetensors", tm.state_dict(), {"format": "pt"})
+    for i, (spec, weights) in enumerate((("torchvision:squeezenet1_1", "tv.pth"), ("timm:test_vit", "tm.safetensors"))):
+        rc, out, err = run_cpu("train", data, "-o", tmp_path / f"run{i}", "-m", student, "--teacher", spec,
+                               "--teacher-weights", tmp_path / weights, "--recipe", "plain", "--epochs", "1",
+                               "--json")  # fmt: skip
+        assert rc == 0, err
+        assert json.loads(out)["distillation"] == "hard"
+        assert "head_dist.weight" in load_weights(tmp_path / f"run{i}" / "model.safetensors")
+        # timm's test_vit wants 160 px with mean/std 0.5: the batch is adapted, and a note says so
+        assert ("resized/renormalised" in err) == (spec.startswith("timm"))

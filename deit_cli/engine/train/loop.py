@@ -114,17 +114,50 @@ class Events:
 
 
 class TrainingHeads(nn.Module):
-    """The student as training sees it: (class logits, distillation logits or None)."""
+    """The student as training sees it: (class logits, distillation logits or None).
+
+    The same function as `DeiT.forward_features` + the heads, except that the last block
+    runs its queries, projection and MLP on the class/distillation tokens only: the
+    heads read nothing else, so the patch rows of that block never reach the loss (the
+    gradient is exactly the same; the work is about 7% less, as in the inference runner).
+    """
 
     def __init__(self, model: DeiT):
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        tokens = self.model.forward_features(x)  # (B, prefix + patches, D)
-        cls = self.model.head(tokens[:, 0])
-        dist = self.model.head_dist(tokens[:, 1]) if self.model.head_dist is not None else None
+        m = self.model
+        P = m.config.num_prefix_tokens
+        x = m.patch_embed(x)
+        prefix = [m.cls_token.expand(x.shape[0], -1, -1)]
+        if m.dist_token is not None:
+            prefix.append(m.dist_token.expand(x.shape[0], -1, -1))
+        x = torch.cat([*prefix, x], dim=1) + m.pos_embed  # (B, prefix + patches, D)
+        for block in m.blocks[:-1]:
+            x = block(x)
+        tokens = m.norm(_last_block_prefix(m.blocks[-1], x, P))  # (B, prefix, D)
+        cls = m.head(tokens[:, 0])
+        dist = m.head_dist(tokens[:, 1]) if m.head_dist is not None else None
         return cls, dist
+
+
+def _last_block_prefix(block, x: torch.Tensor, P: int) -> torch.Tensor:
+    """`block(x)[:, :P]`, computing only what those rows need (keys and values of all)."""
+    from ...model import _drop_path
+
+    B, N, C = x.shape
+    attn = block.attn
+    H = attn.num_heads
+    h = block.norm1(x)
+    w, b = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(h[:, :P], w[:C], b[:C] if b is not None else None)  # (B, P, C)
+    kv = F.linear(h, w[C:], b[C:] if b is not None else None)  # (B, N, 2C)
+    q = q.view(B, P, H, C // H).transpose(1, 2)  # (B, heads, P, head_dim)
+    k, v = kv.view(B, N, 2, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, heads, N, head_dim)
+    a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, P, C)  # (B, P, C)
+    y = x[:, :P] + _drop_path(attn.proj(a), block.drop_path, block.training)
+    return y + _drop_path(block.mlp(block.norm2(y)), block.drop_path, block.training)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
