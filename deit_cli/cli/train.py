@@ -151,7 +151,7 @@ def train(
     elif main and not quiet:
         best = summary.get("best_val_top1")
         output.info(f"trained {summary['epochs']} epochs ({summary['steps']} steps) in {summary['seconds']:.1f} s"
-                    + (f"; best val top-1 {best:.4f} (epoch {summary['best_epoch']})" if best is not None else "")
+                    + (f"; best val top-1 {best:.2f}% (epoch {summary['best_epoch']})" if best is not None else "")
                     + f"; model: {summary['model']}")  # fmt: skip
 
 
@@ -202,7 +202,7 @@ class _Events:
             return
         parts = [f"epoch {record['epoch']}", f"loss {record['train_loss']:.4f}", f"lr {record['lr']:.3g}"]
         if record.get("val_top1") is not None:
-            parts.append(f"val top-1 {record['val_top1']:.4f}")
+            parts.append(f"val top-1 {record['val_top1']:.2f}%")
         parts += [f"{record['images_per_s']:.1f} img/s", f"{record['seconds']:.1f} s"]
         if record.get("skipped"):
             shown = "; ".join(record["skipped_images"][:3])

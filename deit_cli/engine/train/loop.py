@@ -553,7 +553,8 @@ class _Diverged(Exception):
 @torch.no_grad()
 def evaluate(model: DeiT, val: train_data.TrainSet, *, device: torch.device, amp_dtype, batch_size: int,
              workers: int | None) -> dict:  # fmt: skip
-    """Top-1, top-5 and cross-entropy of `model` (inference heads) on `val`, summed over ranks."""
+    """Top-1 and top-5 (percent) and cross-entropy of `model` (inference heads) on `val`,
+    summed over ranks."""
     from ...images.batches import iter_batches
     from ...images.transform import eval_transform
 
@@ -581,7 +582,8 @@ def evaluate(model: DeiT, val: train_data.TrainSet, *, device: torch.device, amp
     correct1, correctk, loss_sum, seen = _all_sum([correct1, correctk, loss_sum, seen])
     failed = [f for rank_failed in distributed.gather_objects(failed) for f in rank_failed]
     model.train(was_training)
-    return {"val_top1": correct1 / seen if seen else None, f"val_top{k}": correctk / seen if seen else None,
+    # percentages, as `deit eval` and timm report them
+    return {"val_top1": 100 * correct1 / seen if seen else None, f"val_top{k}": 100 * correctk / seen if seen else None,
             "val_loss": loss_sum / seen if seen else None, "val_images": int(seen), "val_skipped": len(failed),
             "val_skipped_images": failed}  # fmt: skip
 
