@@ -328,7 +328,7 @@ def test_torchrun_two_processes_train_the_same_model(tmp_path, run_cli):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)  # fmt: skip
     try:
-        out, err = proc.communicate(timeout=180)
+        _, err = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
@@ -499,3 +499,31 @@ def test_grad_accum_makes_the_same_step(tmp_path, run_cpu, small):
     one, three = load_weights(tmp_path / "one" / "model.safetensors"), load_weights(tmp_path / "three" / "model.safetensors")
     for k in one:
         assert (one[k] - three[k]).abs().max() <= 1e-5, k
+
+
+def test_a_source_with_other_classes_gets_new_heads_and_keeps_the_rest(tmp_path, run_cpu, small):
+    data, _ = small
+    source = tiny_model(tmp_path / "five.safetensors", num_classes=5, labels=[f"c{i}" for i in range(5)])
+    rc, _, err = run_cpu("train", data, "-o", tmp_path / "run", "-m", source, "--recipe", "plain", "--epochs", "1",
+                         "--lr", "1e-9")  # fmt: skip
+    assert rc == 0, err
+    assert "has 5 classes, the data 3: classifier heads re-initialised" in err
+    import deit_cli
+
+    model = deit_cli.load_model(str(tmp_path / "run" / "model.safetensors"))
+    assert model.config.num_classes == 3 and model.labels == sorted(CLASSES)
+    before, after = load_weights(source), load_weights(tmp_path / "run" / "model.safetensors")
+    assert (after["pos_embed"] - before["pos_embed"]).abs().max() < 1e-6  # the backbone is the source's
+    assert after["head.weight"].abs().max() <= 0.04 + 1e-6  # the new head: truncated normal, std 0.02
+
+
+def test_image_size_resamples_the_position_embeddings(tmp_path, run_cpu, small):
+    data, _ = small
+    source = tiny_model(tmp_path / "s.safetensors")
+    rc, _, err = run_cpu("train", data, "-o", tmp_path / "run", "-m", source, "--recipe", "plain", "--epochs", "1",
+                         "--image-size", "48", "-q")  # fmt: skip
+    assert rc == 0, err
+    import deit_cli
+
+    model = deit_cli.load_model(str(tmp_path / "run" / "model.safetensors"))
+    assert model.config.image_size == 48 and model.pos_embed.shape[1] == 2 + 36  # cls, dist + (48/8)² patches

@@ -107,7 +107,7 @@ def train(
     RUN_DIR receives model.safetensors (final weights; EMA weights with --model-ema), best.safetensors, checkpoint.pt (resume with --resume) and metrics.jsonl. Ctrl-C saves a checkpoint at the next step and exits 130.
 
     Exit codes: 2 bad flags, 65 bad data, teacher or a non-finite loss, 66 data not found, 73 RUN_DIR holds a run (use --resume or --force), 74 write failed, 130 interrupted.
-    """  # noqa: E501 - one line per paragraph, so the help wraps them whole
+    """
     from .. import distributed
     from ..config import DeiTConfig
     from ..engine.train.loop import TrainOptions

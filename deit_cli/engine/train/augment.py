@@ -145,7 +145,10 @@ class TrainTransform:
         return x
 
 
-def _erase(x: torch.Tensor, rng: random.Random, scale=(0.02, 1 / 3), log_ratio=(math.log(0.3), math.log(1 / 0.3))):
+_ERASE_LOG_RATIO = (math.log(0.3), math.log(1 / 0.3))
+
+
+def _erase(x: torch.Tensor, rng: random.Random, scale=(0.02, 1 / 3), log_ratio=_ERASE_LOG_RATIO):
     """timm's RandomErasing (mode "pixel", one region): a box of normal noise."""
     _, h, w = x.shape
     for _ in range(10):
