@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import HEADS, DeiTConfig
 
-__all__ = ["DeiT", "DeiTConfig", "HEADS", "resample_pos_embed"]
+__all__ = ["HEADS", "DeiT", "DeiTConfig", "resample_pos_embed"]
 
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
@@ -48,10 +48,20 @@ class Block(nn.Module):
         self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.qkv_bias)
         self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(cfg.embed_dim, cfg.mlp_dim)
+        self.drop_path = 0.0  # stochastic depth, training only (DeiT.set_drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + _drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + _drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the whole residual branch of a sample with probability p
+    (scaled by 1/(1-p) when kept), as timm's DropPath. The identity in eval."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
+    return x * keep.div_(1 - p)
 
 
 class PatchEmbed(nn.Module):
@@ -106,6 +116,13 @@ class DeiT(nn.Module):
                 fan_in = m.weight[0].numel()
                 m.weight.copy_(_trunc_normal(m.weight.shape, 1 / math.sqrt(fan_in), g))
                 nn.init.zeros_(m.bias)
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth for training, rising linearly from 0 at the first block to
+        `rate` at the last (the original release's schedule). No effect in eval."""
+        n = len(self.blocks)
+        for i, block in enumerate(self.blocks):
+            block.drop_path = rate * i / (n - 1) if n > 1 else rate
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) -> the blocks' input: prefix and patch tokens with their
@@ -173,7 +190,7 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens
     """Resample (1, prefix + g*g, D) position embeddings to a new grid: bicubic with
     antialiasing on the patch part, prefix (class/distillation) tokens kept, as timm does."""
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    old = int(math.isqrt(grid.shape[1]))
+    old = math.isqrt(grid.shape[1])
     if old * old != grid.shape[1]:
         raise ValueError(f"position embeddings of {grid.shape[1]} patches are not a square grid")
     if old == new_grid:

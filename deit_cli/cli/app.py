@@ -16,7 +16,7 @@ from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, DeiTError, Out
 from . import output
 
 # One module per command (cli/X.py); importing one must not import torch.
-COMMANDS = ("classify", "features", "evaluate", "explain", "convert", "export", "models", "bench", "serve")
+COMMANDS = ("classify", "features", "evaluate", "explain", "train", "convert", "export", "models", "bench", "serve")
 
 class _Group(TyperGroup):
     def invoke(self, ctx):
@@ -70,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not debug:
         warnings.showwarning = _show_warning
     command = typer.main.get_command(app)
+    reported = False
     try:
         rc = command.main(args=list(argv) if argv is not None else None, prog_name="deit", standalone_mode=False)
     except (typer.Abort, KeyboardInterrupt):
@@ -78,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         output.error(_with_batch_hint(e).one_line() if isinstance(e, OutOfMemory) else e.one_line())
-        rc = e.exit_code
+        rc, reported = e.exit_code, True
     except Exception as e:  # noqa: BLE001 - an unexpected failure is still one line
         if _is_usage_error(e):  # Typer's (vendored click) usage errors: bad flags or arguments
             e.show()
@@ -92,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         output.error(f"internal error: {type(e).__name__}: {_first_line(e)} (this is a bug in deit; "
                      "set DEIT_DEBUG=1 to see the traceback and report it)")  # fmt: skip
         rc = EXIT_INTERNAL
-    if rc == EXIT_INTERRUPTED and not debug:  # Typer turns Ctrl-C into Exit(130) silently
+    if rc == EXIT_INTERRUPTED and not debug and not reported:  # Typer turns Ctrl-C into Exit(130) silently
         output.error("interrupted")
     if rc is None:
         rc = 0

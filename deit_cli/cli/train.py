@@ -1,0 +1,219 @@
+"""`deit train DATA -o RUN_DIR`: fine-tune, train from scratch, distil through attention."""
+
+from __future__ import annotations
+
+import json
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import UsageError
+from . import output
+from .options import (
+    DEFAULT_MODEL_NAME,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    JsonOpt,
+    ModelOpt,
+    QuietOpt,
+    WorkersOpt,
+)
+
+
+class RecipeName(str, Enum):
+    scratch = "scratch"
+    finetune = "finetune"
+    plain = "plain"
+
+
+class Distillation(str, Enum):
+    none = "none"
+    soft = "soft"
+    hard = "hard"
+
+
+def _opt(*names: str, help: str, **kw):
+    return typer.Option(*names, help=help, **kw)
+
+
+def train(
+    data: Annotated[str, typer.Argument(
+        metavar="DATA", show_default=False,
+        help="Class-folder tree (with train/ and val/ inside, or one tree and --val-split), a CSV/TSV list "
+             "(`path,label`) or JSON lines ({\"image_url\" or \"path\": ..., \"label\": ...}).")],
+    run_dir: Annotated[Path, typer.Option("--output", "-o", show_default=False,
+                                          help="The run directory (model.safetensors, checkpoint.pt, ...).")],
+    model: ModelOpt = DEFAULT_MODEL_NAME,
+    scratch: Annotated[bool, _opt("--scratch", help="Start from random weights with --model's architecture.")] = False,
+    config: Annotated[Path | None, _opt("--config", help="A DeiTConfig as JSON: the architecture for --scratch "
+                                                         "(implies it).")] = None,
+    image_size: Annotated[int | None, _opt("--image-size", min=1, help="Train at this size (position "
+                                                                       "embeddings resampled).")] = None,
+    recipe: Annotated[RecipeName | None, _opt("--recipe", help="Defaults for every flag below: scratch, "
+                      "finetune (default from pretrained weights) or plain (nothing random but the data order).")] = None,
+    epochs: Annotated[int | None, _opt("--epochs", min=1, help="Epochs (recipe: 300 / 30 / 10).")] = None,
+    batch_size: Annotated[int | None, _opt("--batch-size", "--batch", "-b", min=1,
+                          help="The GLOBAL batch, split across processes under torchrun (timm's is per GPU), "
+                               "so any number of processes trains the same model.")] = None,
+    lr: Annotated[float | None, _opt("--lr", help="Peak learning rate, as is (default: the recipe's base rate "
+                                                  "x batch/512).")] = None,
+    min_lr: Annotated[float | None, _opt("--min-lr", help="Where the cosine schedule ends.")] = None,
+    warmup_epochs: Annotated[float | None, _opt("--warmup-epochs", help="Linear warm-up, in epochs (0: the first "
+                                                                        "step uses the full --lr).")] = None,
+    warmup_lr: Annotated[float | None, _opt("--warmup-lr", help="Where the warm-up starts.")] = None,
+    weight_decay: Annotated[float | None, _opt("--weight-decay", help="AdamW decay (weights of 2+ dimensions "
+                                                                      "only).")] = None,
+    smoothing: Annotated[float | None, _opt("--smoothing", help="Label smoothing.")] = None,
+    mixup: Annotated[float | None, _opt("--mixup", help="Mixup alpha (0: off).")] = None,
+    cutmix: Annotated[float | None, _opt("--cutmix", help="CutMix alpha (0: off).")] = None,
+    reprob: Annotated[float | None, _opt("--reprob", help="Random-erasing probability.")] = None,
+    drop_path: Annotated[float | None, _opt("--drop-path", help="Stochastic-depth rate.")] = None,
+    repeated_aug: Annotated[int | None, _opt("--repeated-aug", min=1, help="Repeated augmentation: copies of "
+                                                                           "each image per epoch.")] = None,
+    model_ema: Annotated[bool | None, _opt("--model-ema/--no-model-ema", help="Keep an EMA of the weights "
+                                           "(saved as model.safetensors).", show_default=False)] = None,
+    model_ema_decay: Annotated[float | None, _opt("--model-ema-decay", help="EMA decay per step "
+                                                  "(recipe: 0.99996).")] = None,
+    clip_grad: Annotated[float | None, _opt("--clip-grad", help="Clip the gradient norm to this.")] = None,
+    seed: Annotated[int, _opt("--seed", help="Seed of the data order, augmentation and initialisation.")] = 0,
+    teacher: Annotated[str | None, _opt("--teacher", help="A deit model source, or torchvision:NAME / timm:NAME "
+                                                          "with --teacher-weights.")] = None,
+    teacher_weights: Annotated[Path | None, _opt("--teacher-weights", help="The teacher's state dict (read with "
+                                                 "the safe loader; same classes as the data).")] = None,
+    distillation: Annotated[Distillation | None, _opt("--distillation", help="none, soft or hard (default: hard "
+                                                                             "with a teacher).")] = None,
+    alpha: Annotated[float, _opt("--alpha", help="Weight of the distillation loss.")] = 0.5,
+    tau: Annotated[float, _opt("--tau", help="Temperature of soft distillation.")] = 1.0,
+    val: Annotated[str | None, _opt("--val", help="A validation set (same forms as DATA).")] = None,
+    val_split: Annotated[float | None, _opt("--val-split", help="Hold out this fraction of DATA, per class, "
+                                                                "for validation (deterministic).")] = None,
+    resume: Annotated[bool, _opt("--resume", help="Continue the run in RUN_DIR with its saved settings (with --epochs: up to that many).")] = False,
+    force: ForceOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "fp32",
+    compile_: Annotated[bool, _opt("--compile", help="torch.compile the student.")] = False,
+    grad_accum: Annotated[int, _opt("--grad-accum", min=1, help="Split each batch into this many passes "
+                                                                "(less memory, the same step).")] = 1,
+    workers: WorkersOpt = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fine-tune a DeiT (or train one from scratch) on a labelled image set, optionally distilling a teacher through the distillation token, as in the paper.
+
+    RUN_DIR receives model.safetensors (final weights; EMA weights with --model-ema), best.safetensors, checkpoint.pt (resume with --resume) and metrics.jsonl. Ctrl-C saves a checkpoint at the next step and exits 130.
+
+    Exit codes: 2 bad flags, 65 bad data, teacher or a non-finite loss, 66 data not found, 73 RUN_DIR holds a run (use --resume or --force), 74 write failed, 130 interrupted.
+    """
+    from .. import distributed
+    from ..config import DeiTConfig
+    from ..engine.train.loop import TrainOptions
+    from ..engine.train.loop import train as run_train
+    from ..engine.train.recipes import resolve_recipe
+
+    if resume and force:
+        raise UsageError("--resume and --force disagree; give one of them")
+    cfg = None
+    if config is not None:
+        try:
+            cfg = DeiTConfig.from_dict(json.loads(config.read_text(encoding="utf-8")))
+        except OSError as e:
+            from ..files import input_error
+
+            raise input_error(config, e) from None
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"{config}: not a DeiTConfig ({e})") from None
+        scratch = True
+    name = recipe.value if recipe else ("scratch" if scratch else "finetune")
+    overrides = dict(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
+                     warmup_lr=warmup_lr, weight_decay=weight_decay, smoothing=smoothing, mixup=mixup, cutmix=cutmix,
+                     reprob=reprob, drop_path=drop_path, repeated_aug=repeated_aug, model_ema=model_ema,
+                     ema_decay=model_ema_decay, clip_grad=clip_grad)  # fmt: skip
+    opts = TrainOptions(
+        data=data, run_dir=run_dir, recipe=resolve_recipe(name, overrides), model=model, scratch=scratch, config=cfg,
+        image_size=image_size, teacher=teacher, teacher_weights=str(teacher_weights) if teacher_weights else None,
+        distillation=distillation.value if distillation else None, alpha=alpha, tau=tau, val=val,
+        val_split=val_split, resume=resume, force=force, device=device, dtype=dtype, compile=compile_,
+        grad_accum=grad_accum, workers=workers, seed=seed, resume_epochs=epochs if resume else None,
+    )  # fmt: skip
+    output.set_batch_size(opts.recipe.batch_size)
+    main = distributed.is_main()
+    events = _Events(bar=main and not quiet and output.show_progress(), quiet=quiet or not main)
+    try:
+        summary = run_train(opts, events)
+    finally:
+        events.close()
+    if main and json_:
+        output.write_json(summary)
+    elif main and not quiet:
+        best = summary.get("best_val_top1")
+        output.info(f"trained {summary['epochs']} epochs ({summary['steps']} steps) in {summary['seconds']:.1f} s"
+                    + (f"; best val top-1 {best:.2f}% (epoch {summary['best_epoch']})" if best is not None else "")
+                    + f"; model: {summary['model']}")  # fmt: skip
+
+
+class _Events:
+    """Progress: a rich bar on a terminal, one plain line per epoch when piped."""
+
+    def __init__(self, *, bar: bool, quiet: bool):
+        self.bar, self.quiet = bar, quiet
+        self._progress = self._task = None
+        self._started = time.perf_counter()
+        self._images = 0
+
+    def note(self, message: str) -> None:
+        if not self.quiet:
+            output.info(f"note: {message}")
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int, start_step: int) -> None:
+        if not self.bar:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.close()
+        self._progress = Progress(
+            TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=output.stderr, transient=True,
+            redirect_stdout=False,
+        )  # fmt: skip
+        self._task = self._progress.add_task("train", total=steps, completed=start_step, info="")
+        self._started, self._images = time.perf_counter(), 0
+        self._progress.start()
+
+    def step(self, epoch: int, step: int, loss: float, lr: float, images: int) -> None:
+        if self._progress is None:
+            return
+        self._images += images
+        rate = self._images / max(time.perf_counter() - self._started, 1e-9)
+        self._progress.update(self._task, advance=1, info=f"loss {loss:.4f}  lr {lr:.2e}  {rate:.1f} img/s")
+
+    def epoch_end(self, record: dict) -> None:
+        self.close()
+        if self.quiet:
+            return
+        parts = [f"epoch {record['epoch']}", f"loss {record['train_loss']:.4f}", f"lr {record['lr']:.3g}"]
+        if record.get("val_top1") is not None:
+            parts.append(f"val top-1 {record['val_top1']:.2f}%")
+        parts += [f"{record['images_per_s']:.1f} img/s", f"{record['seconds']:.1f} s"]
+        if record.get("skipped"):
+            shown = "; ".join(record["skipped_images"][:3])
+            parts.append(f"{record['skipped']} images skipped ({shown}{'; ...' if record['skipped'] > 3 else ''})")
+        output.info("  ".join(parts))
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)

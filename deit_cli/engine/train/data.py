@@ -1,0 +1,362 @@
+"""Training data: finding a labelled set, its classes, a validation split, and the batches.
+
+A set is a class-folder tree (one subfolder per class; with `train/` and `val/` inside,
+those are the two sets), a CSV/TSV list (`path,label`), or JSON lines in the Azure form
+(`{"image_url": ..., "label": "x"}`; a `path` key is accepted too). Relative paths are
+relative to the list's folder. Classes are the sorted training label names.
+
+Labels are read by a `LabelReader`: the single-label one turns a label into one class
+name and refuses lists (multi-label, `a|b` in a CSV or a JSON list) with a clear error;
+a multi-label reader slots in beside it.
+
+Batches are deterministic: the order of an epoch depends only on (seed, epoch), and each
+sample's augmentation on (seed, epoch, position), so a run gives the same batches on any
+number of processes and decoding threads, and a resumed run continues exactly. An image
+that fails to decode is skipped and counted, never a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from ...errors import EXIT_DATA, DeiTError, InputNotFound, UsageError
+from ...files import input_error
+from ...images.inputs import InputItem, _is_url
+from ..evaluate import read_label_list, scan_set
+
+
+class DatasetError(DeiTError):
+    """A training set that cannot be used as it is (exit 65)."""
+
+    exit_code = EXIT_DATA
+
+
+MULTI_LABEL_HINT = "multi-label training is not supported yet; give each image one label"
+
+
+# --------------------------------------------------------------------------- labels
+
+
+class SingleLabel:
+    """One class name per image; a list of labels is refused (multi-label)."""
+
+    kind = "single"
+
+    def read(self, value, where: str) -> str:
+        if isinstance(value, list) or (isinstance(value, str) and "|" in value):
+            raise UsageError(f"{where}: several labels for one image: multi-label is not supported yet",
+                             MULTI_LABEL_HINT)  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value).strip() == "":
+            raise DatasetError(f"{where}: the label must be a class name, not {json.dumps(value)}")
+        return str(value).strip()
+
+
+# --------------------------------------------------------------------------- sets
+
+
+@dataclass
+class LabelledImages:
+    """Images with their label names, as found on disk (before classes are fixed)."""
+
+    source: str
+    items: list[InputItem]
+    labels: list[str]
+    empty_classes: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # entries with no label (loose files)
+
+
+@dataclass
+class TrainSet:
+    """Images and their class indices into `classes`."""
+
+    source: str
+    items: list[InputItem]
+    targets: list[int]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def read_set(spec: str, reader: SingleLabel | None = None) -> LabelledImages:
+    """A class-folder tree, a CSV/TSV list or a JSONL file, as images and label names."""
+    reader = reader or SingleLabel()
+    spec = os.fspath(spec)
+    if os.path.isfile(spec) and spec.lower().endswith((".jsonl", ".json")):
+        return _read_jsonl(spec, reader)
+    if os.path.isfile(spec):
+        base = os.path.dirname(spec)
+        rows = read_label_list(spec)
+        if not rows:
+            raise InputNotFound(f"{spec}: lists no images")
+        items, labels = [], []
+        for rel, label, n in rows:
+            labels.append(reader.read(label, f"{spec}, line {n}"))
+            items.append(InputItem(rel if os.path.isabs(rel) else os.path.join(base, rel)))
+        return LabelledImages(spec, items, labels)
+    scanned = scan_set(spec)  # folders; raises InputNotFound for nothing there
+    items, labels, skipped = [], [], []
+    for item, label in scanned.entries:
+        if label is None:
+            skipped.append(item.error or item.path)
+        else:
+            items.append(item)
+            labels.append(label)
+    return LabelledImages(spec, items, labels, list(scanned.empty_classes), skipped)
+
+
+def _read_jsonl(path: str, reader: SingleLabel) -> LabelledImages:
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: not a UTF-8 text file (JSON lines expected)") from None
+    except OSError as e:
+        raise input_error(path, e) from None
+    base = os.path.dirname(path)
+    items, labels = [], []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{where}: not JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise DatasetError(f"{where}: expected an object with image_url (or path) and label")
+        ref = rec.get("image_url", rec.get("path"))
+        if not isinstance(ref, str) or not ref or "label" not in rec:
+            raise DatasetError(f"{where}: expected an object with image_url (or path) and label")
+        labels.append(reader.read(rec["label"], where))
+        if _is_url(ref):
+            items.append(InputItem(ref, url=True))
+        else:
+            ref = ref.removeprefix("file://")
+            items.append(InputItem(ref if os.path.isabs(ref) else os.path.join(base, ref)))
+    if not items:
+        raise InputNotFound(f"{path}: lists no images")
+    return LabelledImages(path, items, labels)
+
+
+def _check_training(found: LabelledImages) -> list[str]:
+    if found.empty_classes:
+        names = ", ".join(repr(n) for n in found.empty_classes[:5])
+        raise DatasetError(f"{found.source}: class folder {names} has no images",
+                           "remove it or add images: every class needs examples")  # fmt: skip
+    classes = sorted(set(found.labels))
+    if len(classes) < 2:
+        raise DatasetError(
+            f"{found.source}: only one class ({classes[0]!r}); a classifier needs at least two" if classes
+            else f"{found.source}: no labelled images"
+        )  # fmt: skip
+    return classes
+
+
+def _indexed(found: LabelledImages, classes: list[str], what: str) -> TrainSet:
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(found.labels) - set(index))
+    if unknown:
+        shown = ", ".join(repr(u) for u in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise DatasetError(f"{found.source}: {what} labels unknown to training: {shown}",
+                           f"training has {len(classes)} classes: {', '.join(classes[:5])}"
+                           + ("..." if len(classes) > 5 else ""))  # fmt: skip
+    return TrainSet(found.source, list(found.items), [index[label] for label in found.labels], classes)
+
+
+def split_stratified(found: LabelledImages, fraction: float) -> tuple[LabelledImages, LabelledImages]:
+    """A deterministic stratified split: per class, the `fraction` of its images whose path
+    hashes lowest go to validation (at least one when the class has two or more)."""
+    by_class: dict[str, list[int]] = {}
+    for i, label in enumerate(found.labels):
+        by_class.setdefault(label, []).append(i)
+    val_idx: set[int] = set()
+    for idx in by_class.values():
+        k = round(len(idx) * fraction)
+        k = min(max(k, 1 if len(idx) > 1 else 0), len(idx) - 1)
+        ranked = sorted(idx, key=lambda i: hashlib.sha1(found.items[i].path.encode()).hexdigest())
+        val_idx.update(ranked[:k])
+
+    def pick(keep: Callable[[int], bool], source: str) -> LabelledImages:
+        idx = [i for i in range(len(found.items)) if keep(i)]
+        return LabelledImages(source, [found.items[i] for i in idx], [found.labels[i] for i in idx])
+
+    return (pick(lambda i: i not in val_idx, found.source),
+            pick(lambda i: i in val_idx, f"{found.source} (validation split)"))  # fmt: skip
+
+
+@dataclass
+class Sets:
+    train: TrainSet
+    val: TrainSet | None
+    skipped: list[str]  # entries that could not be used (no label), with the reason
+
+
+def find_sets(data: str, *, val: str | None = None, val_split: float | None = None,
+              reader: SingleLabel | None = None) -> Sets:  # fmt: skip
+    """The training and validation sets named by DATA, `--val` and `--val-split`."""
+    if val_split is not None and not 0 < val_split < 1:
+        raise UsageError(f"--val-split must be between 0 and 1, not {val_split:g}")
+    if val is not None and val_split is not None:
+        raise UsageError("--val and --val-split both name a validation set; give one of them")
+    data = os.fspath(data)
+    if not os.path.exists(data):
+        raise InputNotFound(f"{data}: no such file or directory")
+    val_found = None
+    if os.path.isdir(os.path.join(data, "train")) and os.path.isdir(data):
+        train_found = read_set(os.path.join(data, "train"), reader)
+        inner_val = os.path.join(data, "val")
+        if val is None and val_split is None and os.path.isdir(inner_val):
+            val_found = read_set(inner_val, reader)
+    else:
+        train_found = read_set(data, reader)
+    skipped = list(train_found.skipped)
+    classes = _check_training(train_found)
+    if val is not None:
+        val_found = read_set(val, reader)
+    elif val_split is not None:
+        train_found, val_found = split_stratified(train_found, val_split)
+    if val_found is not None:
+        skipped += val_found.skipped
+    train = _indexed(train_found, classes, "training")
+    val_set = _indexed(val_found, classes, "validation") if val_found is not None else None
+    if val_set is not None and not len(val_set):
+        val_set = None
+    return Sets(train, val_set, skipped)
+
+
+# --------------------------------------------------------------------------- order
+
+
+def epoch_order(n: int, *, seed: int, epoch: int, repeats: int = 1) -> list[int]:
+    """The sample order of an epoch: a permutation fixed by (seed, epoch); with repeated
+    augmentation each sample appears `repeats` times in a row (differently augmented),
+    and the epoch keeps its length (the first n of the repeated order)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    if repeats > 1:
+        perm = [i for i in perm for _ in range(repeats)][:n]
+    return perm
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Batches of an epoch; the last, smaller one is dropped unless it is the only one."""
+    return max(1, n // batch_size)
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """The seed of one sample's augmentation: fixed by (seed, epoch, position in epoch)."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@dataclass
+class TrainBatch:
+    """One process's share of a global batch."""
+
+    step: int  # within the epoch
+    images: torch.Tensor  # (n, 3, H, W) float32
+    targets: torch.Tensor  # (n,) int64
+    global_count: int  # samples of the global batch this share belongs to (before failures)
+    failed: list[str]  # images of this share that could not be decoded (skipped)
+
+
+def _load(item: InputItem, transform, seed: int, options: dict):
+    from ...images.decode import ImageError, decode_image
+
+    try:
+        image = decode_image(item, **options).image
+        return transform(image, random.Random(seed)), None
+    except ImageError as e:
+        return None, e.one_line()
+    except Exception as e:  # noqa: BLE001 - one odd image never stops a run
+        return None, f"{item.path}: {type(e).__name__}: {e}"
+
+
+def iter_epoch(
+    data: TrainSet, transform, *, batch_size: int, seed: int, epoch: int, start_step: int = 0,
+    rank: int = 0, world_size: int = 1, repeats: int = 1, workers: int | None = None,
+    decode_options: dict | None = None, prefetch: int = 2,
+) -> Iterator[TrainBatch]:  # fmt: skip
+    """This process's share of each global batch of an epoch, from `start_step` on.
+
+    Rank r takes positions r, r + world_size, ... of each global batch, so the global
+    batch (and so the model) is the same on any number of processes. `transform(image,
+    rng)` augments one decoded image with its own `random.Random`.
+    """
+    order = epoch_order(len(data), seed=seed, epoch=epoch, repeats=repeats)
+    steps = steps_per_epoch(len(order), batch_size)
+    options = decode_options or {}
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1)
+
+    def share(step: int) -> list[tuple[int, int]]:
+        positions = range(step * batch_size, min((step + 1) * batch_size, len(order)))
+        return [(p, order[p]) for p in positions][rank::world_size]
+
+    def assemble(step: int, loaded, wanted) -> TrainBatch:
+        rows, targets, failed = [], [], []
+        for (tensor, err), (_, i) in zip(loaded, wanted):
+            if tensor is None:
+                failed.append(err)
+            else:
+                rows.append(tensor)
+                targets.append(data.targets[i])
+        size = min((step + 1) * batch_size, len(order)) - step * batch_size
+        images = torch.stack(rows) if rows else torch.empty(0)
+        return TrainBatch(step, images, torch.tensor(targets, dtype=torch.long), size, failed)
+
+    def job(p: int, i: int):
+        return _load(data.items[i], transform, sample_seed(seed, epoch, p), options)
+
+    if workers <= 0:
+        for step in range(start_step, steps):
+            wanted = share(step)
+            yield assemble(step, [job(p, i) for p, i in wanted], wanted)
+        return
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deit-train-data")
+    pending = []
+    try:
+        next_step = start_step
+        while next_step < steps and len(pending) <= prefetch:
+            wanted = share(next_step)
+            pending.append((next_step, wanted, [pool.submit(job, p, i) for p, i in wanted]))
+            next_step += 1
+        while pending:
+            step, wanted, futures = pending.pop(0)
+            loaded = [f.result() for f in futures]
+            if next_step < steps:
+                w = share(next_step)
+                pending.append((next_step, w, [pool.submit(job, p, i) for p, i in w]))
+                next_step += 1
+            yield assemble(step, loaded, wanted)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def class_counts(data: TrainSet) -> dict[str, int]:
+    counts = Counter(data.targets)
+    return {c: counts.get(i, 0) for i, c in enumerate(data.classes)}
+
+
+def check_classes(saved: Sequence[str], now: Sequence[str]) -> None:
+    """A resumed run must see the classes it started with."""
+    if list(saved) != list(now):
+        extra = sorted(set(now) - set(saved))
+        missing = sorted(set(saved) - set(now))
+        what = []
+        if extra:
+            what.append("new: " + ", ".join(repr(x) for x in extra[:5]))
+        if missing:
+            what.append("missing: " + ", ".join(repr(x) for x in missing[:5]))
+        raise DatasetError(f"the data's classes differ from the run's ({'; '.join(what) or 'another order'})",
+                           "resume with the data the run started with, or start a new run")  # fmt: skip
