@@ -31,11 +31,8 @@ def convert(
 
     fmt = output.choose_format(format_, json_, per_item=False, allowed=("table", "json", "jsonl"))
     result = run_convert(src, dst, to=to, dtype=dtype, force=force, tolerance=tolerance)
-    if fmt == "json":
-        output.write_json(asdict(result))
-        return
-    if fmt == "jsonl":
-        output.write_jsonl(asdict(result))
+    if fmt != "table":
+        output.write_document(asdict(result), fmt)
         return
     from rich.panel import Panel
 

@@ -108,10 +108,8 @@ def evaluate(
     else:
         summary = ev.summary(net, lset, metrics, head=chosen_head, per_class=per_class, confused=confused,
                              predictions=predictions)  # fmt: skip
-    if fmt == "json":
-        output.write_json(summary)
-    elif fmt == "jsonl":
-        output.write_jsonl(summary)
+    if fmt != "table":
+        output.write_document(summary, fmt)
     elif multi:
         _render_multi_label(summary)
     else:
@@ -173,15 +171,23 @@ def _render(s: dict, ks) -> None:
             table.add_row(escape(f"{c['true']} {c['true_label']}"), escape(f"{c['predicted']} {c['predicted_label']}"),
                           str(c["count"]))  # fmt: skip
         console.print(table)
-    if s["failed_images"]:
-        table = Table(title="failed images", title_justify="left")
-        table.add_column("path")
-        table.add_column("error")
-        for f in s["failed_images"][:_MAX_FAILED_SHOWN]:
-            table.add_row(escape(f["path"]), escape(f["error"]))
-        console.print(table)
-        if len(s["failed_images"]) > _MAX_FAILED_SHOWN:
-            console.print(f"... and {len(s['failed_images']) - _MAX_FAILED_SHOWN} more (all of them with --json)")
+    _failed_table(console, s["failed_images"])
+
+
+def _failed_table(console, failed: list[dict]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    if not failed:
+        return
+    table = Table(title="failed images", title_justify="left")
+    table.add_column("path")
+    table.add_column("error")
+    for f in failed[:_MAX_FAILED_SHOWN]:
+        table.add_row(escape(f["path"]), escape(f["error"]))
+    console.print(table)
+    if len(failed) > _MAX_FAILED_SHOWN:
+        console.print(f"... and {len(failed) - _MAX_FAILED_SHOWN} more (all of them with --json)")
 
 
 def _frac(v: float | None) -> str:
@@ -213,13 +219,7 @@ def _render_multi_label(s: dict) -> None:
             table.add_row(str(r["index"]), escape(r["label"]), str(r["positives"]), str(r["predicted"]),
                           _frac(r["ap"]), _frac(r["f1"]), _frac(r["iou"]))  # fmt: skip
         console.print(table)
-    if s["failed_images"]:
-        table = Table(title="failed images", title_justify="left")
-        table.add_column("path")
-        table.add_column("error")
-        for f in s["failed_images"][:_MAX_FAILED_SHOWN]:
-            table.add_row(escape(f["path"]), escape(f["error"]))
-        console.print(table)
+    _failed_table(console, s["failed_images"])
 
 
 def register(app: typer.Typer) -> None:

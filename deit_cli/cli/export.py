@@ -51,11 +51,8 @@ def export(
         src, dst, dtype=dtype, opset=opset, image_size=image_size, head=getattr(head, "value", head),
         features=features, pool=getattr(pool, "value", pool), force=force, tolerance=tolerance,
     )  # fmt: skip
-    if fmt == "json":
-        output.write_json(asdict(result))
-        return
-    if fmt == "jsonl":
-        output.write_jsonl(asdict(result))
+    if fmt != "table":
+        output.write_document(asdict(result), fmt)
         return
     from rich.markup import escape
     from rich.panel import Panel

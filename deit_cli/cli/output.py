@@ -137,6 +137,16 @@ def write_records(records: Iterable[dict], fmt: str, *, fieldnames: list[str] | 
         raise ValueError(f"not a record format: {fmt!r}")
 
 
+def write_document(obj: Any, fmt: str) -> None:
+    """One summary on stdout: indented JSON (`json`) or one line (`jsonl`)."""
+    if fmt == "jsonl":
+        write_jsonl(obj)
+    elif fmt == "json":
+        write_json(obj)
+    else:
+        raise ValueError(f"not a document format: {fmt!r}")
+
+
 def write_json_array(records: Iterable[dict]) -> None:
     """A JSON array streamed one record per line, so memory stays flat however many."""
     out = sys.stdout

@@ -426,6 +426,17 @@ def iter_results(
         yield ImageResult(position, r.path, notes=r.notes, target=target, predictions=preds, target_rank=rank)
 
 
+def _reduced(metrics, empty):
+    """`metrics` of every torchrun rank merged into `empty()`; `metrics` itself in one process."""
+    parts = distributed.gather_objects(metrics)
+    if len(parts) == 1:
+        return metrics
+    total = empty()
+    for part in parts:
+        total.merge(part)
+    return total
+
+
 class EvalMetrics:
     """Top-k counts, per-class counts, confusions and failures. `merge` adds another
     process's counts, so `reduced()` is exact across torchrun ranks."""
@@ -468,13 +479,7 @@ class EvalMetrics:
 
     def reduced(self) -> EvalMetrics:
         """The metrics of every torchrun rank summed (on every rank); itself in one process."""
-        parts = distributed.gather_objects(self)
-        if len(parts) == 1:
-            return self
-        total = EvalMetrics(self.num_classes, self.ks)
-        for part in parts:
-            total.merge(part)
-        return total
+        return _reduced(self, lambda: EvalMetrics(self.num_classes, self.ks))
 
     @property
     def images(self) -> int:
@@ -742,13 +747,8 @@ class MultiLabelMetrics:
         return self
 
     def reduced(self) -> MultiLabelMetrics:
-        parts = distributed.gather_objects(self)
-        if len(parts) == 1:
-            return self
-        total = MultiLabelMetrics(self.num_classes, self.threshold)
-        for part in parts:
-            total.merge(part)
-        return total
+        """Every torchrun rank's images (on every rank); itself in one process."""
+        return _reduced(self, lambda: MultiLabelMetrics(self.num_classes, self.threshold))
 
     @property
     def images(self) -> int:
