@@ -9,6 +9,11 @@ present."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -224,6 +229,55 @@ def test_label_lists_imply_multi_label_and_csv_pipes_too(tmp_path, run_cpu):
     s = json.loads(out)
     assert s["multi_label"] is True and s["train_images"] + s["val_images"] == 8 and s["val_images"] >= 1
     assert "val_map" in records(tmp_path / "run2")[0]
+
+
+def test_a_class_folder_tree_trains_as_multi_label_when_asked(tmp_path, run_cpu):
+    train = make_jsonl(tmp_path / "data", "train", 8, seed=3)
+    for r in rows(train)[1:7]:  # one label per image, as folders
+        (tmp_path / "tree" / r["label"][0]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(train.parent / r["image_url"], tmp_path / "tree" / r["label"][0] / Path(r["image_url"]).name)
+    classes = sorted(p.name for p in (tmp_path / "tree").iterdir())
+    rc, out, err = run_cpu("train", tmp_path / "tree", "-o", tmp_path / "run", "--config", config_file(tmp_path / "c.json"),
+                           "--recipe", "plain", "--epochs", "1", "--multi-label", "--threshold", "0.4",
+                           "--json")  # fmt: skip
+    assert rc == 0, err
+    s = json.loads(out)
+    assert s["multi_label"] is True and s["classes"] == classes and s["threshold"] == 0.4
+    import deit_cli
+
+    assert deit_cli.load_model(str(tmp_path / "run" / "model.safetensors")).threshold == 0.4
+
+
+def test_torchrun_two_processes_give_the_same_model_and_metrics(tmp_path, run_cli):
+    train = make_jsonl(tmp_path / "data", "train", 12, seed=7)
+    val = make_jsonl(tmp_path / "data", "val", 7, seed=8)  # odd: the ranks hold different shares
+    args = ["train", train, "--val", val, "--config", config_file(tmp_path / "cfg.json"), "--recipe", "plain",
+            "--epochs", "2", "--batch-size", "6", "--lr", "1e-3", "--device", "cpu", "-q"]  # fmt: skip
+    rc, _, err = run_cli(*args, "-o", tmp_path / "one")
+    assert rc == 0, err
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1",
+           "TMPDIR": str(tmp_path / "tmp")}  # fmt: skip
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "deit_cli",
+           *map(str, args), "-o", str(tmp_path / "two")]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
+    try:
+        _, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err
+    one, two = load_weights(tmp_path / "one" / "model.safetensors"), load_weights(tmp_path / "two" / "model.safetensors")
+    for k in one:
+        assert (one[k] - two[k]).abs().max() <= 1e-4, k
+    r1, r2 = records(tmp_path / "one")[-1], records(tmp_path / "two")[-1]
+    assert r2["val_images"] == 7
+    for key in ("val_map", "val_f1_micro", "val_f1_macro", "val_iou_micro", "val_iou_macro", "val_loss"):
+        assert r2[key] == pytest.approx(r1[key], abs=1e-4), key
 
 
 def test_the_augmented_recipe_mixes_the_label_vectors(tmp_path, run_cpu):

@@ -150,7 +150,7 @@ def read_set(spec: str, reader: LabelReader | None = None) -> LabelledImages:
             skipped.append(item.error or item.path)
         else:
             items.append(item)
-            labels.append(label)
+            labels.append([label] if isinstance(reader, MultiLabel) else label)  # a folder: one class
     return LabelledImages(spec, items, labels, list(scanned.empty_classes), skipped)
 
 
