@@ -27,7 +27,7 @@ from PIL import Image
 from deit_cli.checkpoints.writing import deit_metadata, save_safetensors
 from deit_cli.model import DeiT, DeiTConfig
 
-ARCH = dict(image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+ARCH = {"image_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 PALETTE = {"blue": (30, 40, 220), "green": (30, 190, 40), "red": (220, 30, 30), "yellow": (230, 220, 30)}
 
 

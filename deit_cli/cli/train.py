@@ -44,7 +44,8 @@ def train(
     data: Annotated[str, typer.Argument(
         metavar="DATA", show_default=False,
         help="Class-folder tree (with train/ and val/ inside, or one tree and --val-split), a CSV/TSV list "
-             "(`path,label`) or JSON lines ({\"image_url\" or \"path\": ..., \"label\": ...}).")],
+             "(`path,label`; `a|b` for several) or JSON lines ({\"image_url\" or \"path\": ..., \"label\": ... or "
+             "[...]}).")],
     run_dir: Annotated[Path, typer.Option("--output", "-o", show_default=False,
                                           help="The run directory (model.safetensors, checkpoint.pt, ...).")],
     model: ModelOpt = DEFAULT_MODEL_NAME,
