@@ -381,3 +381,23 @@ def test_a_set_of_only_empty_lists_is_refused(tmp_path, run_cpu, small):
     f.write_text("".join(json.dumps({"image_url": f"data/train/{i:03d}.png", "label": []}) + "\n" for i in range(3)))
     rc, _, err = run_cpu(*plain(f, tmp_path / "run", cfg))
     assert rc == 65 and "no labels" in err
+
+
+def test_a_pipe_in_a_jsonl_label_asks_for_a_list(tmp_path, run_cpu, small):
+    data, cfg = small
+    f = tmp_path / "pipe.jsonl"
+    f.write_text(json.dumps({"image_url": "data/train/001.png", "label": "red|blue"}) + "\n")
+    rc, _, err = run_cpu(*plain(f, tmp_path / "run", cfg))
+    assert rc == 65 and "holds '|'" in err and '["a", "b"]' in err
+
+
+def test_a_corrupt_validation_image_is_skipped_and_counted(tmp_path, run_cpu, small):
+    data, cfg = small
+    (tmp_path / "data" / "train" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    val = tmp_path / "data" / "val.jsonl"
+    val.write_text("".join(line + "\n" for line in data.read_text().splitlines()[:4])
+                   + json.dumps({"image_url": "train/broken.png", "label": ["red"]}) + "\n")  # fmt: skip
+    rc, _, err = run_cpu(*plain(data, tmp_path / "run", cfg, "--val", val))
+    assert rc == 0, err
+    rec = records(tmp_path / "run")[0]
+    assert rec["val_images"] == 4 and rec["val_skipped"] == 1 and "broken.png" in rec["val_skipped_images"][0]

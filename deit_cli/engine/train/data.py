@@ -177,6 +177,9 @@ def _read_jsonl(path: str, reader: LabelReader) -> LabelledImages:
         ref = rec.get("image_url", rec.get("path"))
         if not isinstance(ref, str) or not ref or "label" not in rec:
             raise DatasetError(f"{where}: expected an object with image_url (or path) and label")
+        if isinstance(rec["label"], str) and "|" in rec["label"]:  # CSV's spelling; JSON has lists
+            raise DatasetError(f"{where}: the label {json.dumps(rec['label'])} holds '|'",
+                               'in JSON lines, give several labels as a list: "label": ["a", "b"]')  # fmt: skip
         labels.append(reader.read(rec["label"], where))
         if _is_url(ref):
             items.append(InputItem(ref, url=True))
