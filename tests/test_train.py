@@ -375,14 +375,6 @@ def test_unknown_validation_labels_are_refused(tmp_path, run_cpu, small):
     assert rc == 65 and "validation labels unknown to training: 'diagonal'" in err
 
 
-def test_multi_label_lists_say_they_are_not_supported_yet(tmp_path, run_cpu, small):
-    data, cfg = small
-    f = next((data / "train").rglob("*.png"))
-    (tmp_path / "ml.jsonl").write_text(json.dumps({"image_url": str(f), "label": ["a", "b"]}) + "\n")
-    rc, _, err = run_cpu(*plain(tmp_path / "ml.jsonl", tmp_path / "run", cfg))
-    assert rc == 2 and "multi-label is not supported yet" in err
-
-
 def test_a_teacher_with_other_classes_is_refused(tmp_path, run_cpu, small):
     data, _ = small
     student = tiny_model(tmp_path / "s.safetensors")

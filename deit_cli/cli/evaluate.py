@@ -82,7 +82,8 @@ def evaluate(
     with distributed.init(device):
         net = load(model)
         output.set_batch_size(batch_size)
-        ks = ev.parse_top(topk, net.config.num_classes)
+        # top-k is for single-label models (a multi-label one may have fewer classes than the default 5)
+        ks = () if net.multi_label else ev.parse_top(topk, net.config.num_classes)
         lset = ev.labelled_set(scanned, net.labels, label_by=label_by.value)
         if distributed.is_main() and not quiet:
             for name in lset.empty_classes:

@@ -44,7 +44,8 @@ def train(
     data: Annotated[str, typer.Argument(
         metavar="DATA", show_default=False,
         help="Class-folder tree (with train/ and val/ inside, or one tree and --val-split), a CSV/TSV list "
-             "(`path,label`) or JSON lines ({\"image_url\" or \"path\": ..., \"label\": ...}).")],
+             "(`path,label`; `a|b` for several) or JSON lines ({\"image_url\" or \"path\": ..., \"label\": ... or "
+             "[...]}).")],
     run_dir: Annotated[Path, typer.Option("--output", "-o", show_default=False,
                                           help="The run directory (model.safetensors, checkpoint.pt, ...).")],
     model: ModelOpt = DEFAULT_MODEL_NAME,
@@ -88,6 +89,11 @@ def train(
                                                                              "with a teacher).")] = None,
     alpha: Annotated[float, _opt("--alpha", help="Weight of the distillation loss.")] = 0.5,
     tau: Annotated[float, _opt("--tau", help="Temperature of soft distillation.")] = 1.0,
+    multi_label: Annotated[bool, _opt("--multi-label", help="Any number of labels per image (JSONL \"label\": [...], "
+                                      "CSV `a|b`; implied by such lists): sigmoid scores, BCE loss, mAP/F1/IoU.")] = False,
+    threshold: Annotated[float | None, _opt("--threshold", help="Multi-label: a label is predicted at or above this "
+                                            "score (validation F1/IoU; saved with the model).  [default: 0.5]",
+                                            show_default=False)] = None,
     val: Annotated[str | None, _opt("--val", help="A validation set (same forms as DATA).")] = None,
     val_split: Annotated[float | None, _opt("--val-split", help="Hold out this fraction of DATA, per class, "
                                                                 "for validation (deterministic).")] = None,
@@ -106,6 +112,8 @@ def train(
 
     RUN_DIR receives model.safetensors (final weights; EMA weights with --model-ema), best.safetensors, checkpoint.pt (resume with --resume) and metrics.jsonl. Ctrl-C saves a checkpoint at the next step and exits 130.
 
+    Multi-label (--multi-label, implied by lists of labels): BCE on the class head, validation mAP and F1/IoU at --threshold, best.safetensors by mAP; the saved models are multi-label.
+
     Exit codes: 2 bad flags, 65 bad data, teacher or a non-finite loss, 66 data not found, 73 RUN_DIR holds a run (use --resume or --force), 74 write failed, 130 interrupted.
     """
     from .. import distributed
@@ -116,6 +124,11 @@ def train(
 
     if resume and force:
         raise UsageError("--resume and --force disagree; give one of them")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise UsageError(f"--threshold must be in [0, 1], not {threshold:g}")
+    if multi_label and teacher is not None:
+        raise UsageError("--teacher with --multi-label: distillation is for single-label training only",
+                         "train the multi-label model without a teacher")  # fmt: skip
     cfg = None
     if config is not None:
         try:
@@ -138,6 +151,7 @@ def train(
         distillation=distillation.value if distillation else None, alpha=alpha, tau=tau, val=val,
         val_split=val_split, resume=resume, force=force, device=device, dtype=dtype, compile=compile_,
         grad_accum=grad_accum, workers=workers, seed=seed, resume_epochs=epochs if resume else None,
+        multi_label=multi_label, threshold=threshold,
     )  # fmt: skip
     output.set_batch_size(opts.recipe.batch_size)
     main = distributed.is_main()
@@ -150,8 +164,12 @@ def train(
         output.write_json(summary)
     elif main and not quiet:
         best = summary.get("best_val_top1")
+        best_map = summary.get("best_val_map")
         output.info(f"trained {summary['epochs']} epochs ({summary['steps']} steps) in {summary['seconds']:.1f} s"
                     + (f"; best val top-1 {best:.2f}% (epoch {summary['best_epoch']})" if best is not None else "")
+                    + (f"; best val mAP {best_map:.4f} (epoch {summary['best_epoch']})" if best_map is not None
+                       else "")
+                    + (f"; multi-label, threshold {summary['threshold']:g}" if summary.get("multi_label") else "")
                     + f"; model: {summary['model']}")  # fmt: skip
 
 
@@ -203,6 +221,12 @@ class _Events:
         parts = [f"epoch {record['epoch']}", f"loss {record['train_loss']:.4f}", f"lr {record['lr']:.3g}"]
         if record.get("val_top1") is not None:
             parts.append(f"val top-1 {record['val_top1']:.2f}%")
+        if record.get("val_map") is not None:
+            def num(key: str) -> str:
+                return "-" if record.get(key) is None else f"{record[key]:.3f}"
+
+            parts.append(f"val mAP {num('val_map')}  F1 {num('val_f1_micro')}/{num('val_f1_macro')}  "
+                         f"IoU {num('val_iou_micro')}/{num('val_iou_macro')} (micro/macro @ {record['val_threshold']:g})")
         parts += [f"{record['images_per_s']:.1f} img/s", f"{record['seconds']:.1f} s"]
         if record.get("skipped"):
             shown = "; ".join(record["skipped_images"][:3])

@@ -171,7 +171,9 @@ def build_transform(pre: Preprocessing, recipe) -> PlainTransform | TrainTransfo
 class Mixup:
     """timm's Mixup (mode "batch"): mixup with Beta(mixup, mixup), or cutmix with
     Beta(cutmix, cutmix) and a box, switching with probability `switch_prob`; the batch
-    mixed with itself reversed; targets one-hot, smoothed, mixed by the same weight."""
+    mixed with itself reversed; targets one-hot, smoothed, mixed by the same weight.
+    Multi-hot targets ((B, classes) float, multi-label) are mixed by the same weight as
+    they are (no smoothing)."""
 
     def __init__(self, mixup: float, cutmix: float, switch_prob: float, smoothing: float, num_classes: int):
         self.mixup, self.cutmix, self.switch_prob = mixup, cutmix, switch_prob
@@ -197,8 +199,11 @@ class Mixup:
             lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
         else:
             x = x * lam + x.flip(0) * (1 - lam)
-        off = self.smoothing / self.num_classes
-        on = 1 - self.smoothing + off
-        y = torch.full((target.shape[0], self.num_classes), off, device=target.device)
-        y.scatter_(1, target.unsqueeze(1), on)
+        if target.ndim == 2:  # multi-hot (multi-label)
+            y = target.float()
+        else:
+            off = self.smoothing / self.num_classes
+            on = 1 - self.smoothing + off
+            y = torch.full((target.shape[0], self.num_classes), off, device=target.device)
+            y.scatter_(1, target.unsqueeze(1), on)
         return x, y * lam + y.flip(0) * (1 - lam)

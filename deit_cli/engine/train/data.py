@@ -5,9 +5,10 @@ those are the two sets), a CSV/TSV list (`path,label`), or JSON lines in the Azu
 (`{"image_url": ..., "label": "x"}`; a `path` key is accepted too). Relative paths are
 relative to the list's folder. Classes are the sorted training label names.
 
-Labels are read by a `LabelReader`: the single-label one turns a label into one class
-name and refuses lists (multi-label, `a|b` in a CSV or a JSON list) with a clear error;
-a multi-label reader slots in beside it.
+Labels are read by a label reader: `SingleLabel` turns a label into one class name and
+refuses lists; `MultiLabel` turns it into a list of class names (a JSON list, `a|b` in a
+CSV/TSV; an empty list is a negative example). With neither asked for, the training set
+decides: any list makes the run multi-label (`find_sets(..., multi_label=None)`).
 
 Batches are deterministic: the order of an epoch depends only on (seed, epoch), and each
 sample's augmentation on (seed, epoch, position), so a run gives the same batches on any
@@ -40,24 +41,53 @@ class DatasetError(DeiTError):
     exit_code = EXIT_DATA
 
 
-MULTI_LABEL_HINT = "multi-label training is not supported yet; give each image one label"
+MULTI_LABEL_HINT = ("the training set gives one label per image; give this set one too, or train with "
+                    "--multi-label (any list of labels in the training set implies it)")
 
 
 # --------------------------------------------------------------------------- labels
 
 
+def _is_list(value) -> bool:
+    return isinstance(value, list) or (isinstance(value, str) and "|" in value)
+
+
+def _name(value, where: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value).strip() == "":
+        raise DatasetError(f"{where}: the label must be a class name, not {json.dumps(value)}")
+    return str(value).strip()
+
+
 class SingleLabel:
-    """One class name per image; a list of labels is refused (multi-label)."""
+    """One class name per image; a list of labels (multi-label) is refused."""
 
     kind = "single"
 
     def read(self, value, where: str) -> str:
-        if isinstance(value, list) or (isinstance(value, str) and "|" in value):
-            raise UsageError(f"{where}: several labels for one image: multi-label is not supported yet",
-                             MULTI_LABEL_HINT)  # fmt: skip
-        if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value).strip() == "":
-            raise DatasetError(f"{where}: the label must be a class name, not {json.dumps(value)}")
-        return str(value).strip()
+        if _is_list(value):
+            raise DatasetError(f"{where}: several labels for one image in a single-label run", MULTI_LABEL_HINT)
+        return _name(value, where)
+
+
+class MultiLabel:
+    """Any number of class names per image: a list (JSON, or `a|b` in a CSV/TSV), or one
+    name. An empty list is allowed (a negative example); a repeated name counts once.
+    `saw_list` records whether any label was a list (what makes a set multi-label)."""
+
+    kind = "multi"
+
+    def __init__(self):
+        self.saw_list = False
+
+    def read(self, value, where: str) -> list[str]:
+        if not _is_list(value):
+            return [_name(value, where)]
+        self.saw_list = True
+        parts = value if isinstance(value, list) else [x for x in value.split("|") if x.strip()]
+        return list(dict.fromkeys(_name(x, where) for x in parts))
+
+
+LabelReader = SingleLabel | MultiLabel
 
 
 # --------------------------------------------------------------------------- sets
@@ -69,25 +99,35 @@ class LabelledImages:
 
     source: str
     items: list[InputItem]
-    labels: list[str]
+    labels: list  # a class name per image, or (multi-label) a list of names
     empty_classes: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # entries with no label (loose files)
 
 
 @dataclass
 class TrainSet:
-    """Images and their class indices into `classes`."""
+    """Images and their class indices into `classes` (multi-label: a list per image)."""
 
     source: str
     items: list[InputItem]
-    targets: list[int]
+    targets: list  # int per image, or (multi_label) a sorted list of ints, maybe empty
     classes: list[str]
+    multi_label: bool = False
+
+    def target_tensor(self, indices: Sequence[int]) -> torch.Tensor:
+        """The targets of `indices`: int64 class indices, or float32 multi-hot rows."""
+        if not self.multi_label:
+            return torch.tensor([self.targets[i] for i in indices], dtype=torch.long)
+        y = torch.zeros((len(indices), len(self.classes)), dtype=torch.float32)
+        for row, i in enumerate(indices):
+            y[row, self.targets[i]] = 1.0
+        return y
 
     def __len__(self) -> int:
         return len(self.items)
 
 
-def read_set(spec: str, reader: SingleLabel | None = None) -> LabelledImages:
+def read_set(spec: str, reader: LabelReader | None = None) -> LabelledImages:
     """A class-folder tree, a CSV/TSV list or a JSONL file, as images and label names."""
     reader = reader or SingleLabel()
     spec = os.fspath(spec)
@@ -110,11 +150,11 @@ def read_set(spec: str, reader: SingleLabel | None = None) -> LabelledImages:
             skipped.append(item.error or item.path)
         else:
             items.append(item)
-            labels.append(label)
+            labels.append([label] if isinstance(reader, MultiLabel) else label)  # a folder: one class
     return LabelledImages(spec, items, labels, list(scanned.empty_classes), skipped)
 
 
-def _read_jsonl(path: str, reader: SingleLabel) -> LabelledImages:
+def _read_jsonl(path: str, reader: LabelReader) -> LabelledImages:
     try:
         with open(path, encoding="utf-8-sig") as f:
             lines = f.read().splitlines()
@@ -137,6 +177,9 @@ def _read_jsonl(path: str, reader: SingleLabel) -> LabelledImages:
         ref = rec.get("image_url", rec.get("path"))
         if not isinstance(ref, str) or not ref or "label" not in rec:
             raise DatasetError(f"{where}: expected an object with image_url (or path) and label")
+        if isinstance(rec["label"], str) and "|" in rec["label"]:  # CSV's spelling; JSON has lists
+            raise DatasetError(f"{where}: the label {json.dumps(rec['label'])} holds '|'",
+                               'in JSON lines, give several labels as a list: "label": ["a", "b"]')  # fmt: skip
         labels.append(reader.read(rec["label"], where))
         if _is_url(ref):
             items.append(InputItem(ref, url=True))
@@ -153,6 +196,12 @@ def _check_training(found: LabelledImages) -> list[str]:
         names = ", ".join(repr(n) for n in found.empty_classes[:5])
         raise DatasetError(f"{found.source}: class folder {names} has no images",
                            "remove it or add images: every class needs examples")  # fmt: skip
+    if _multi(found):
+        classes = sorted({name for names in found.labels for name in names})
+        if not classes:
+            raise DatasetError(f"{found.source}: no labels (every image's list is empty)",
+                               "a multi-label set needs images with labels, not only negative examples")  # fmt: skip
+        return classes
     classes = sorted(set(found.labels))
     if len(classes) < 2:
         raise DatasetError(
@@ -162,23 +211,33 @@ def _check_training(found: LabelledImages) -> list[str]:
     return classes
 
 
-def _indexed(found: LabelledImages, classes: list[str], what: str) -> TrainSet:
+def _multi(found: LabelledImages) -> bool:
+    return any(isinstance(label, list) for label in found.labels)
+
+
+def _indexed(found: LabelledImages, classes: list[str], what: str, multi_label: bool = False) -> TrainSet:
     index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted(set(found.labels) - set(index))
+    names = {n for names in found.labels for n in names} if multi_label else set(found.labels)
+    unknown = sorted(names - set(index))
     if unknown:
         shown = ", ".join(repr(u) for u in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise DatasetError(f"{found.source}: {what} labels unknown to training: {shown}",
                            f"training has {len(classes)} classes: {', '.join(classes[:5])}"
                            + ("..." if len(classes) > 5 else ""))  # fmt: skip
+    if multi_label:
+        targets = [sorted(index[n] for n in names) for names in found.labels]
+        return TrainSet(found.source, list(found.items), targets, classes, multi_label=True)
     return TrainSet(found.source, list(found.items), [index[label] for label in found.labels], classes)
 
 
 def split_stratified(found: LabelledImages, fraction: float) -> tuple[LabelledImages, LabelledImages]:
     """A deterministic stratified split: per class, the `fraction` of its images whose path
-    hashes lowest go to validation (at least one when the class has two or more)."""
+    hashes lowest go to validation (at least one when the class has two or more). A
+    multi-label set is stratified by each image's set of labels."""
     by_class: dict[str, list[int]] = {}
     for i, label in enumerate(found.labels):
-        by_class.setdefault(label, []).append(i)
+        key = "|".join(sorted(label)) if isinstance(label, list) else label
+        by_class.setdefault(key, []).append(i)
     val_idx: set[int] = set()
     for idx in by_class.values():
         k = round(len(idx) * fraction)
@@ -202,8 +261,12 @@ class Sets:
 
 
 def find_sets(data: str, *, val: str | None = None, val_split: float | None = None,
-              reader: SingleLabel | None = None) -> Sets:  # fmt: skip
-    """The training and validation sets named by DATA, `--val` and `--val-split`."""
+              multi_label: bool | None = False) -> Sets:  # fmt: skip
+    """The training and validation sets named by DATA, `--val` and `--val-split`.
+
+    `multi_label` True reads label lists; False one label per image; None lets the
+    training set decide (any list of labels makes it multi-label). The validation set is
+    read as the training set is."""
     if val_split is not None and not 0 < val_split < 1:
         raise UsageError(f"--val-split must be between 0 and 1, not {val_split:g}")
     if val is not None and val_split is not None:
@@ -211,14 +274,22 @@ def find_sets(data: str, *, val: str | None = None, val_split: float | None = No
     data = os.fspath(data)
     if not os.path.exists(data):
         raise InputNotFound(f"{data}: no such file or directory")
+    detect = MultiLabel()
+    reader: LabelReader = detect if multi_label is not False else SingleLabel()
     val_found = None
+    inner_val = None
     if os.path.isdir(os.path.join(data, "train")) and os.path.isdir(data):
         train_found = read_set(os.path.join(data, "train"), reader)
-        inner_val = os.path.join(data, "val")
-        if val is None and val_split is None and os.path.isdir(inner_val):
-            val_found = read_set(inner_val, reader)
+        if val is None and val_split is None and os.path.isdir(os.path.join(data, "val")):
+            inner_val = os.path.join(data, "val")
     else:
         train_found = read_set(data, reader)
+    if multi_label is None and not detect.saw_list:  # no list anywhere: a single-label set
+        train_found.labels = [names[0] for names in train_found.labels]
+        reader = SingleLabel()
+    multi = isinstance(reader, MultiLabel)
+    if inner_val is not None:
+        val_found = read_set(inner_val, reader)
     skipped = list(train_found.skipped)
     classes = _check_training(train_found)
     if val is not None:
@@ -227,8 +298,8 @@ def find_sets(data: str, *, val: str | None = None, val_split: float | None = No
         train_found, val_found = split_stratified(train_found, val_split)
     if val_found is not None:
         skipped += val_found.skipped
-    train = _indexed(train_found, classes, "training")
-    val_set = _indexed(val_found, classes, "validation") if val_found is not None else None
+    train = _indexed(train_found, classes, "training", multi)
+    val_set = _indexed(val_found, classes, "validation", multi) if val_found is not None else None
     if val_set is not None and not len(val_set):
         val_set = None
     return Sets(train, val_set, skipped)
@@ -265,7 +336,7 @@ class TrainBatch:
 
     step: int  # within the epoch
     images: torch.Tensor  # (n, 3, H, W) float32
-    targets: torch.Tensor  # (n,) int64
+    targets: torch.Tensor  # (n,) int64, or (multi-label) (n, classes) float32 multi-hot
     global_count: int  # samples of the global batch this share belongs to (before failures)
     failed: list[str]  # images of this share that could not be decoded (skipped)
 
@@ -310,10 +381,10 @@ def iter_epoch(
                 failed.append(err)
             else:
                 rows.append(tensor)
-                targets.append(data.targets[i])
+                targets.append(i)
         size = min((step + 1) * batch_size, len(order)) - step * batch_size
         images = torch.stack(rows) if rows else torch.empty(0)
-        return TrainBatch(step, images, torch.tensor(targets, dtype=torch.long), size, failed)
+        return TrainBatch(step, images, data.target_tensor(targets), size, failed)
 
     def job(p: int, i: int):
         return _load(data.items[i], transform, sample_seed(seed, epoch, p), options)
@@ -344,7 +415,8 @@ def iter_epoch(
 
 
 def class_counts(data: TrainSet) -> dict[str, int]:
-    counts = Counter(data.targets)
+    """Images per class (multi-label: the images where the class is present)."""
+    counts = Counter(t for ts in data.targets for t in ts) if data.multi_label else Counter(data.targets)
     return {c: counts.get(i, 0) for i, c in enumerate(data.classes)}
 
 

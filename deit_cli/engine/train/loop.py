@@ -2,12 +2,18 @@
 
     train()            set up (data, student, teacher, optimizer, resume), then per epoch:
       train_one_epoch  batches -> student (+ teacher) -> loss -> AdamW step, EMA, schedule
-      evaluate         top-1 / top-5 / loss on the validation set
+      evaluate         top-1 / top-5 / loss on the validation set (multi-label: mAP, F1, IoU)
       save             checkpoint.pt, best.safetensors, metrics.jsonl; model.safetensors at the end
 
 Under torchrun every rank takes its share of each global batch (DDP averages the
 gradients; the loss is scaled so the step is the global batch's whatever the split), the
-metrics are summed across ranks, and only rank 0 writes. Nothing here prints: what the
+metrics are summed across ranks (multi-label: every rank's scores gathered, so mAP is
+exact), and only rank 0 writes.
+
+Multi-label training (`multi_label`, or any list of labels in the training set) uses
+multi-hot targets and BCE-with-logits on the class head (losses.MultiLabelBCE), no
+label smoothing and no teacher; "best" is by validation mAP, and the saved models are
+marked multi-label with their threshold. Nothing here prints: what the
 CLI shows comes through the `Events` callbacks.
 """
 
@@ -92,6 +98,8 @@ class TrainOptions:
     workers: int | None = None
     seed: int = 0
     resume_epochs: int | None = None  # --resume with --epochs: train the run to this many epochs
+    multi_label: bool = False  # False: the training set decides (any list of labels makes it multi-label)
+    threshold: float | None = None  # multi-label: where a label is predicted (None: 0.5)
 
     def to_plain(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -509,7 +517,8 @@ def _step(run: _Run, batch: train_data.TrainBatch, epoch: int) -> tuple[float, i
     y = batch.targets.to(run.device, non_blocking=True)
     if n_local == 0:  # this rank's images all failed: take part in the gradient sum with zero
         x = torch.zeros((1, 3, run.model.config.image_size, run.model.config.image_size), device=run.device)
-        y = torch.zeros(1, dtype=torch.long, device=run.device)
+        y = (torch.zeros((1, run.model.config.num_classes), device=run.device) if run.sets.train.multi_label
+             else torch.zeros(1, dtype=torch.long, device=run.device))  # fmt: skip
     if run.mixup.active and x.shape[0] > 1:
         x, y = run.mixup(x, y, np.random.default_rng(train_data.sample_seed(run.opts.seed, epoch, -1 - batch.step)))
     micro = max(1, min(run.opts.grad_accum, x.shape[0]))
@@ -588,6 +597,47 @@ def evaluate(model: DeiT, val: train_data.TrainSet, *, device: torch.device, amp
             "val_skipped_images": failed}  # fmt: skip
 
 
+@torch.no_grad()
+def evaluate_multi_label(model: DeiT, val: train_data.TrainSet, *, device: torch.device, amp_dtype, batch_size: int,
+                         workers: int | None, threshold: float) -> dict:  # fmt: skip
+    """mAP, F1 and IoU (micro and macro) at `threshold`, with `deit eval`'s definitions
+    (engine.evaluate.MultiLabelMetrics), and the BCE loss of `model` on `val`; every
+    rank's scores are gathered, so the metrics are exact under torchrun."""
+    from ...images.batches import iter_batches
+    from ...images.transform import eval_transform
+    from ..evaluate import MultiLabelMetrics, ScoredImage
+
+    was_training = model.training
+    model.eval()
+    indexed = list(distributed.shard(list(enumerate(val.items))))
+    items = [item for _, item in indexed]
+    metrics = MultiLabelMetrics(len(val.classes), threshold)
+    loss_sum = 0.0
+    ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    for b in iter_batches(items, eval_transform(model.preprocessing), batch_size, workers=workers):
+        for (item, err), p in zip(b.failed, b.failed_positions):
+            metrics.add(ScoredImage(indexed[p][0], item.path, err, targets=val.targets[indexed[p][0]]))
+        if not b.positions:
+            continue
+        with ctx:
+            logits = model(b.tensor.to(device)).float()
+        y = val.target_tensor([indexed[p][0] for p in b.positions]).to(device)
+        loss_sum += F.binary_cross_entropy_with_logits(logits, y, reduction="sum").item()
+        for p, row in zip(b.positions, logits.sigmoid().cpu().numpy()):
+            i = indexed[p][0]
+            metrics.add(ScoredImage(i, items[p].path, targets=val.targets[i], scores=row))
+    (loss_sum,) = _all_sum([loss_sum])
+    metrics = metrics.reduced()
+    model.train(was_training)
+    d = metrics.to_dict(val.classes)
+    seen = d["images"]
+    return {"val_map": d["map"], "val_f1_micro": d["f1_micro"], "val_f1_macro": d["f1_macro"],
+            "val_iou_micro": d["iou_micro"], "val_iou_macro": d["iou_macro"], "val_threshold": threshold,
+            "val_loss": loss_sum / (seen * len(val.classes)) if seen else None,  # per element, as in training
+            "val_images": seen, "val_skipped": d["failed"],
+            "val_skipped_images": [f["error"] for f in d["failed_images"]]}  # fmt: skip
+
+
 # --------------------------------------------------------------------------- files
 
 
@@ -663,10 +713,18 @@ def train(opts: TrainOptions, events: Events | None = None) -> dict:
 
 def _train(opts: TrainOptions, events: Events) -> dict:
     started = time.perf_counter()
+    if opts.threshold is not None and not 0.0 <= opts.threshold <= 1.0:
+        raise UsageError(f"--threshold must be in [0, 1], not {opts.threshold:g}")
+    if opts.multi_label and opts.teacher is not None:
+        raise UsageError("--teacher with --multi-label: distillation is for single-label training only",
+                         "train the multi-label model without a teacher")  # fmt: skip
     prepare_run_dir(opts.run_dir, resume=opts.resume, force=opts.force)
     ckpt = None
     if opts.resume:
         ckpt = read_run_checkpoint(opts.run_dir / "checkpoint.pt")
+        if opts.multi_label and not ckpt.get("multi_label", False):
+            raise UsageError(f"{opts.run_dir}: the run is single-label; --multi-label cannot change it on resume",
+                             "start a new run for multi-label training")  # fmt: skip
         saved = ckpt["args"]
         keep = {k: getattr(opts, k) for k in ("device", "workers", "compile", "resume_epochs")}
         fixed = ("recipe", "config", "run_dir", "data", "resume", "force", *keep)
@@ -687,12 +745,31 @@ def _train(opts: TrainOptions, events: Events) -> dict:
     if opts.tau <= 0:
         raise UsageError(f"--tau must be positive, not {opts.tau:g}")
     kind = _distillation_kind(opts)
-    sets = train_data.find_sets(opts.data, val=opts.val, val_split=opts.val_split)
+    sets = train_data.find_sets(opts.data, val=opts.val, val_split=opts.val_split,
+                                multi_label=True if opts.multi_label else None)  # fmt: skip
     classes = sets.train.classes
+    multi = sets.train.multi_label
     if sets.skipped:
         events.note(f"{len(sets.skipped)} entries have no label and are skipped (e.g. {sets.skipped[0]})")
     if ckpt is not None:
+        if bool(ckpt.get("multi_label", False)) != multi:
+            was, now = ("multi-label", "single-label") if ckpt.get("multi_label") else ("single-label", "multi-label")
+            raise train_data.DatasetError(
+                f"{opts.run_dir}: the run is {was}, but the data is {now}"
+                + (" (it gives lists of labels)" if multi else ""),
+                "resume with the data the run started with, or start a new run")  # fmt: skip
         train_data.check_classes(ckpt["classes"], classes)
+    threshold = 0.5 if opts.threshold is None else float(opts.threshold)
+    if multi:
+        if opts.teacher is not None:
+            raise UsageError("--teacher with multi-label data (lists of labels): distillation is for single-label "
+                             "training only", "train the multi-label model without a teacher")  # fmt: skip
+        if recipe.smoothing:
+            events.note(f"label smoothing ({recipe.smoothing:g}) does not apply to multi-label training: off")
+            recipe = replace(recipe, smoothing=0.0)
+        opts = replace(opts, recipe=recipe, multi_label=True, threshold=threshold)
+    elif opts.threshold is not None:
+        raise UsageError("--threshold goes with multi-label training (--multi-label, or lists of labels)")
 
     rank, world = distributed.world()
     device = resolve_device(distributed.local_device(opts.device))
@@ -708,6 +785,7 @@ def _train(opts: TrainOptions, events: Events) -> dict:
         model.variant = variant_for_config(model.config)
     else:
         model = build_student(opts, classes, events)
+    model.multi_label, model.threshold = multi, threshold  # saved with the weights (deit_metadata)
     model.set_drop_path(recipe.drop_path)
     model.to(device).train().requires_grad_(True)
 
@@ -737,15 +815,16 @@ def _train(opts: TrainOptions, events: Events) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = ModelEma(model, recipe.ema_decay) if recipe.model_ema else None
     mixup = Mixup(recipe.mixup, recipe.cutmix, recipe.mixup_switch_prob, recipe.smoothing, len(classes))
-    criterion = DistillationLoss(base_loss(soft_targets=mixup.active, smoothing=recipe.smoothing), kind,
-                                 opts.alpha, opts.tau)  # fmt: skip
+    criterion = DistillationLoss(base_loss(soft_targets=mixup.active, smoothing=recipe.smoothing, multi_label=multi),
+                                 kind, opts.alpha, opts.tau)  # fmt: skip
     n_order = len(sets.train)
     spe = train_data.steps_per_epoch(n_order, recipe.batch_size)
     run = _Run(opts, recipe, model, student, teacher, criterion, optimizer, scaler, ema, mixup, device, amp_dtype,
                build_transform(model.preprocessing, recipe), sets, spe, rank, world, _StopFlag(), events)  # fmt: skip
 
     start_epoch, start_step = 0, 0
-    best = {"val_top1": None, "epoch": None}
+    best_key = "val_map" if multi else "val_top1"  # what "best" is judged by
+    best = {best_key: None, "epoch": None}
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -763,10 +842,13 @@ def _train(opts: TrainOptions, events: Events) -> dict:
     history = _read_metrics(metrics_path, start_epoch) if ckpt is not None else []
 
     def plain_summary(epoch_done: int) -> dict:
-        return {"epochs": epoch_done, "steps": run.global_step, "classes": classes, "recipe": recipe.name,
-                "distillation": kind, "teacher": opts.teacher, "train_images": len(sets.train),
-                "val_images": len(sets.val) if sets.val else 0, "best_val_top1": best["val_top1"],
-                "best_epoch": best["epoch"], "source": model.origin}  # fmt: skip
+        out = {"epochs": epoch_done, "steps": run.global_step, "classes": classes, "recipe": recipe.name,
+               "distillation": kind, "teacher": opts.teacher, "train_images": len(sets.train),
+               "val_images": len(sets.val) if sets.val else 0, f"best_{best_key}": best[best_key],
+               "best_epoch": best["epoch"], "source": model.origin, "multi_label": multi}  # fmt: skip
+        if multi:
+            out["threshold"] = threshold
+        return out
 
     def save_checkpoint(epoch: int, step_in_epoch: int) -> Path:
         path = opts.run_dir / "checkpoint.pt"
@@ -779,7 +861,7 @@ def _train(opts: TrainOptions, events: Events) -> dict:
                 "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": run.global_step,
                 "rng": {"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-                "args": opts.to_plain(), "best": best, "running": run.running,
+                "args": opts.to_plain(), "best": best, "running": run.running, "multi_label": multi,
             }  # fmt: skip
             buffer = io.BytesIO()  # serialised first, so that a failing write is an OSError (exit 74)
             torch.save(state, buffer)
@@ -803,11 +885,16 @@ def _train(opts: TrainOptions, events: Events) -> dict:
             start_step = 0
             evaluated = ema.module if ema is not None else model
             if sets.val is not None:
-                record.update(evaluate(evaluated, sets.val, device=device, amp_dtype=amp_dtype,
-                                       batch_size=max(1, recipe.batch_size // world), workers=opts.workers))  # fmt: skip
-                top1 = record["val_top1"]
-                if top1 is not None and (best["val_top1"] is None or top1 > best["val_top1"]):
-                    best = {"val_top1": top1, "epoch": epoch + 1}
+                batch = max(1, recipe.batch_size // world)
+                if multi:
+                    record.update(evaluate_multi_label(evaluated, sets.val, device=device, amp_dtype=amp_dtype,
+                                                       batch_size=batch, workers=opts.workers, threshold=threshold))
+                else:
+                    record.update(evaluate(evaluated, sets.val, device=device, amp_dtype=amp_dtype, batch_size=batch,
+                                           workers=opts.workers))  # fmt: skip
+                score = record[best_key]
+                if score is not None and (best[best_key] is None or score > best[best_key]):
+                    best = {best_key: score, "epoch": epoch + 1}
                     if rank == 0:
                         save_model(opts.run_dir / "best.safetensors", evaluated, plain_summary(epoch + 1))
             history.append(record)

@@ -10,9 +10,14 @@ batch), targets `y`, temperature τ and weight α:
            · τ² / z_d.numel()                    the original release's normalisation (B·C), not batchmean
     loss = (1 − α) · base + α · distillation      (just `base` with distillation "none")
 
-The base loss is chosen by the kind of targets (`base_loss`), so a multi-label loss
-(binary cross-entropy over several targets) slots in beside these without touching the
-distillation part.
+The base loss is chosen by the kind of targets (`base_loss`). Multi-label targets are
+multi-hot vectors `y ∈ [0, 1]^C` (mixed by mixup/cutmix, never smoothed), and the base
+loss is binary cross-entropy with logits on the class head, averaged over every element
+(B·C; torch's default `reduction="mean"`):
+
+    base = mean(−y·log σ(z_c) − (1 − y)·log(1 − σ(z_c)))
+
+(multi-label training has no teacher, so no distillation term).
 """
 
 from __future__ import annotations
@@ -42,9 +47,22 @@ class LabelSmoothingCrossEntropy(nn.Module):
         return F.cross_entropy(logits, target, label_smoothing=self.smoothing)
 
 
-def base_loss(*, soft_targets: bool, smoothing: float) -> nn.Module:
-    """The classification loss for the targets a batch carries: distributions under
-    mixup/cutmix (the smoothing is in them then), class indices otherwise."""
+class MultiLabelBCE(nn.Module):
+    """Binary cross-entropy with logits against multi-hot (or mixed) targets, the mean over
+    all B·C elements (torch's default reduction), computed in float32."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+
+
+def base_loss(*, soft_targets: bool, smoothing: float, multi_label: bool = False) -> nn.Module:
+    """The classification loss for the targets a batch carries: multi-hot vectors
+    (multi-label: BCE), distributions under mixup/cutmix (the smoothing is in them then),
+    class indices otherwise."""
+    if multi_label:
+        if smoothing:
+            raise ValueError("label smoothing does not apply to multi-label training")
+        return MultiLabelBCE()
     return SoftTargetCrossEntropy() if soft_targets else LabelSmoothingCrossEntropy(smoothing)
 
 
