@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -81,3 +84,25 @@ def colour_dir(tmp_path_factory) -> Path:
     y, x = np.mgrid[0:45, 0:60]
     Image.fromarray(np.stack([x * 4, y * 5, 255 - x * 4], -1).astype(np.uint8)).save(d / "mixed.png")
     return d
+
+
+def torchrun(*args, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 -m deit_cli ARGS...` (gloo on the CPU),
+    temporary files under cwd/tmp, this checkout's deit_cli first on the path."""
+    (cwd / "tmp").mkdir(exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(cwd / "tmp"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "deit_cli",
+           *map(str, args)]  # fmt: skip
+    # A session of its own, so that a hang kills the workers too, not only torchrun.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -10,10 +10,9 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from imagegen import PDF_BYTES, truncated_jpeg
 from colours import COLOURS, LABELS, colour_files, expected_scores
+from imagegen import PDF_BYTES, truncated_jpeg
+from PIL import Image
 
 
 def records(out: str) -> list[dict]:

@@ -10,8 +10,8 @@ import timm
 import torch
 import transformers
 from conftest import images
-from safetensors import safe_open
 from references import TOL, max_diff, timm_model
+from safetensors import safe_open
 
 import deit_cli
 

@@ -4,18 +4,11 @@ same as one process gives. Two CPU processes on the gloo backend."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
 from colours import colour_files
-
-TORCHRUN = Path(sys.executable).parent / "torchrun"
+from conftest import torchrun
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 5, 7, 8])
@@ -50,25 +43,6 @@ def test_one_process_is_rank_0_of_1(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     assert distributed.world() == (2, 4) and not distributed.is_main()
     assert distributed.local_device("cpu") == "cpu"
-
-
-def torchrun(*args, cwd: Path) -> subprocess.CompletedProcess:
-    """`torchrun --nproc-per-node 2 -m deit_cli ARGS...`, temporary files under cwd/tmp."""
-    (cwd / "tmp").mkdir(exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(cwd / "tmp")}
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "deit_cli", *map(str, args)]
-    # A session of its own, so that a hang kills the workers too, not only torchrun.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
-                            start_new_session=True)  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from deit_cli.config import imagenet_classes, imagenet_wnids
 from deit_cli.checkpoints.writing import deit_metadata, save_safetensors
+from deit_cli.config import imagenet_classes, imagenet_wnids
 from deit_cli.model import DeiT, DeiTConfig
 from deit_cli.variants import IMAGENET_MEAN, IMAGENET_STD
 

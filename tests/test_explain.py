@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from PIL import Image
-
 from colours import LABELS, colour_files
 from conftest import images, randomize
+from PIL import Image
 
 import deit_cli
 from deit_cli.checkpoints import load_model

@@ -6,10 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from imagegen import save_with_orientation
 from colours import colour_files, expected_features, model_inputs
+from imagegen import save_with_orientation
+from PIL import Image
 
 POOLS = ["token", "avg", "cls", "dist", "tokens", "mean"]
 

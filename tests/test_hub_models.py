@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import images
 from fakehub import fake_hub, hf_env  # noqa: F401 - fixtures
-from safetensors.torch import load_file
 from references import TOL, hf_reference, max_diff
+from safetensors.torch import load_file
 
 import deit_cli
 

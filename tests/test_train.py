@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize
+from conftest import randomize, torchrun
 from PIL import Image
 
 from deit_cli.checkpoints.writing import deit_metadata, save_safetensors
@@ -319,21 +319,8 @@ def test_torchrun_two_processes_train_the_same_model(tmp_path, run_cli):
             "--device", "cpu", "-q"]  # fmt: skip
     rc, _, err = run_cli(*args, "-o", tmp_path / "one")
     assert rc == 0, err
-    (tmp_path / "tmp").mkdir()
-    env = {**subprocess_env(), "TMPDIR": str(tmp_path / "tmp")}
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "deit_cli",
-           *map(str, args), "-o", str(tmp_path / "two")]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)  # fmt: skip
-    try:
-        _, err = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, err
+    proc = torchrun(*args, "-o", tmp_path / "two", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
     one, two = load_weights(tmp_path / "one" / "model.safetensors"), load_weights(tmp_path / "two" / "model.safetensors")
     for k in one:
         assert (one[k] - two[k]).abs().max() <= 1e-4, k
