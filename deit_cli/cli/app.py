@@ -28,7 +28,7 @@ class _Group(TyperGroup):
 app = typer.Typer(
     cls=_Group,
     name="deit",
-    help="Data-efficient Image Transformers (DeiT): classify, extract features, convert, export, benchmark, evaluate.",
+    help="Data-efficient Image Transformers (DeiT): classify, extract features, evaluate, train, explain, convert, export, serve, benchmark.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
