@@ -62,7 +62,7 @@ def deit_step_fn(student_sd, teacher_sd, batch_size: int, amp_dtype, device):
     )  # fmt: skip
 
     def step(x, y):
-        loop._step(run, TrainBatch(0, x, y, x.shape[0], []), 0)
+        loop._step(run, TrainBatch(0, x, y, []), 0)
 
     return step
 

@@ -41,6 +41,13 @@ def dtype_name(name: str, *, allowed: tuple[str, ...] = DTYPES) -> str:
     return key
 
 
+def check_threshold(threshold: float | None) -> float | None:
+    """A multi-label threshold as given (None: the model's), refused outside [0, 1]."""
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise UsageError(f"--threshold must be in [0, 1], not {threshold:g}")
+    return threshold
+
+
 def pool_name(name: str) -> str:
     """The canonical pool name for a name or alias (mean -> avg)."""
     key = POOL_ALIASES.get(name, name)

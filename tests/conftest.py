@@ -44,6 +44,16 @@ def run_cli(capsys):
     return run
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a small shared CPU, tiny matmuls split over two threads
+    spend most of their time waiting for each other (and a resume must use the run's)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def run_cpu(run_cli):
     """`run_cli` on the CPU: the answers are compared with the model's own on the CPU to

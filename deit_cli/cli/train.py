@@ -36,10 +36,6 @@ class Distillation(str, Enum):
     hard = "hard"
 
 
-def _opt(*names: str, help: str, **kw):
-    return typer.Option(*names, help=help, **kw)
-
-
 def train(
     data: Annotated[str, typer.Argument(
         metavar="DATA", show_default=False,
@@ -49,60 +45,60 @@ def train(
     run_dir: Annotated[Path, typer.Option("--output", "-o", show_default=False,
                                           help="The run directory (model.safetensors, checkpoint.pt, ...).")],
     model: ModelOpt = DEFAULT_MODEL_NAME,
-    scratch: Annotated[bool, _opt("--scratch", help="Start from random weights with --model's architecture.")] = False,
-    config: Annotated[Path | None, _opt("--config", help="A DeiTConfig as JSON: the architecture for --scratch "
+    scratch: Annotated[bool, typer.Option("--scratch", help="Start from random weights with --model's architecture.")] = False,
+    config: Annotated[Path | None, typer.Option("--config", help="A DeiTConfig as JSON: the architecture for --scratch "
                                                          "(implies it).")] = None,
-    image_size: Annotated[int | None, _opt("--image-size", min=1, help="Train at this size (position "
+    image_size: Annotated[int | None, typer.Option("--image-size", min=1, help="Train at this size (position "
                                                                        "embeddings resampled).")] = None,
-    recipe: Annotated[RecipeName | None, _opt("--recipe", help="Defaults for every flag below: scratch, "
+    recipe: Annotated[RecipeName | None, typer.Option("--recipe", help="Defaults for every flag below: scratch, "
                       "finetune (default from pretrained weights) or plain (nothing random but the data order).")] = None,
-    epochs: Annotated[int | None, _opt("--epochs", min=1, help="Epochs (recipe: 300 / 30 / 10).")] = None,
-    batch_size: Annotated[int | None, _opt("--batch-size", "--batch", "-b", min=1,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Epochs (recipe: 300 / 30 / 10).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "--batch", "-b", min=1,
                           help="The GLOBAL batch, split across processes under torchrun (timm's is per GPU), "
                                "so any number of processes trains the same model.")] = None,
-    lr: Annotated[float | None, _opt("--lr", help="Peak learning rate, as is (default: the recipe's base rate "
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate, as is (default: the recipe's base rate "
                                                   "x batch/512).")] = None,
-    min_lr: Annotated[float | None, _opt("--min-lr", help="Where the cosine schedule ends.")] = None,
-    warmup_epochs: Annotated[float | None, _opt("--warmup-epochs", help="Linear warm-up, in epochs (0: the first "
+    min_lr: Annotated[float | None, typer.Option("--min-lr", help="Where the cosine schedule ends.")] = None,
+    warmup_epochs: Annotated[float | None, typer.Option("--warmup-epochs", help="Linear warm-up, in epochs (0: the first "
                                                                         "step uses the full --lr).")] = None,
-    warmup_lr: Annotated[float | None, _opt("--warmup-lr", help="Where the warm-up starts.")] = None,
-    weight_decay: Annotated[float | None, _opt("--weight-decay", help="AdamW decay (weights of 2+ dimensions "
+    warmup_lr: Annotated[float | None, typer.Option("--warmup-lr", help="Where the warm-up starts.")] = None,
+    weight_decay: Annotated[float | None, typer.Option("--weight-decay", help="AdamW decay (weights of 2+ dimensions "
                                                                       "only).")] = None,
-    smoothing: Annotated[float | None, _opt("--smoothing", help="Label smoothing.")] = None,
-    mixup: Annotated[float | None, _opt("--mixup", help="Mixup alpha (0: off).")] = None,
-    cutmix: Annotated[float | None, _opt("--cutmix", help="CutMix alpha (0: off).")] = None,
-    reprob: Annotated[float | None, _opt("--reprob", help="Random-erasing probability.")] = None,
-    drop_path: Annotated[float | None, _opt("--drop-path", help="Stochastic-depth rate.")] = None,
-    repeated_aug: Annotated[int | None, _opt("--repeated-aug", min=1, help="Repeated augmentation: copies of "
+    smoothing: Annotated[float | None, typer.Option("--smoothing", help="Label smoothing.")] = None,
+    mixup: Annotated[float | None, typer.Option("--mixup", help="Mixup alpha (0: off).")] = None,
+    cutmix: Annotated[float | None, typer.Option("--cutmix", help="CutMix alpha (0: off).")] = None,
+    reprob: Annotated[float | None, typer.Option("--reprob", help="Random-erasing probability.")] = None,
+    drop_path: Annotated[float | None, typer.Option("--drop-path", help="Stochastic-depth rate.")] = None,
+    repeated_aug: Annotated[int | None, typer.Option("--repeated-aug", min=1, help="Repeated augmentation: copies of "
                                                                            "each image per epoch.")] = None,
-    model_ema: Annotated[bool | None, _opt("--model-ema/--no-model-ema", help="Keep an EMA of the weights "
+    model_ema: Annotated[bool | None, typer.Option("--model-ema/--no-model-ema", help="Keep an EMA of the weights "
                                            "(saved as model.safetensors).", show_default=False)] = None,
-    model_ema_decay: Annotated[float | None, _opt("--model-ema-decay", help="EMA decay per step "
+    model_ema_decay: Annotated[float | None, typer.Option("--model-ema-decay", help="EMA decay per step "
                                                   "(recipe: 0.99996).")] = None,
-    clip_grad: Annotated[float | None, _opt("--clip-grad", help="Clip the gradient norm to this.")] = None,
-    seed: Annotated[int, _opt("--seed", help="Seed of the data order, augmentation and initialisation.")] = 0,
-    teacher: Annotated[str | None, _opt("--teacher", help="A deit model source, or torchvision:NAME / timm:NAME "
+    clip_grad: Annotated[float | None, typer.Option("--clip-grad", help="Clip the gradient norm to this.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the data order, augmentation and initialisation.")] = 0,
+    teacher: Annotated[str | None, typer.Option("--teacher", help="A deit model source, or torchvision:NAME / timm:NAME "
                                                           "with --teacher-weights.")] = None,
-    teacher_weights: Annotated[Path | None, _opt("--teacher-weights", help="The teacher's state dict (read with "
+    teacher_weights: Annotated[Path | None, typer.Option("--teacher-weights", help="The teacher's state dict (read with "
                                                  "the safe loader; same classes as the data).")] = None,
-    distillation: Annotated[Distillation | None, _opt("--distillation", help="none, soft or hard (default: hard "
+    distillation: Annotated[Distillation | None, typer.Option("--distillation", help="none, soft or hard (default: hard "
                                                                              "with a teacher).")] = None,
-    alpha: Annotated[float, _opt("--alpha", help="Weight of the distillation loss.")] = 0.5,
-    tau: Annotated[float, _opt("--tau", help="Temperature of soft distillation.")] = 1.0,
-    multi_label: Annotated[bool, _opt("--multi-label", help="Any number of labels per image (JSONL \"label\": [...], "
+    alpha: Annotated[float, typer.Option("--alpha", help="Weight of the distillation loss.")] = 0.5,
+    tau: Annotated[float, typer.Option("--tau", help="Temperature of soft distillation.")] = 1.0,
+    multi_label: Annotated[bool, typer.Option("--multi-label", help="Any number of labels per image (JSONL \"label\": [...], "
                                       "CSV `a|b`; implied by such lists): sigmoid scores, BCE loss, mAP/F1/IoU.")] = False,
-    threshold: Annotated[float | None, _opt("--threshold", help="Multi-label: a label is predicted at or above this "
+    threshold: Annotated[float | None, typer.Option("--threshold", help="Multi-label: a label is predicted at or above this "
                                             "score (validation F1/IoU; saved with the model).  [default: 0.5]",
                                             show_default=False)] = None,
-    val: Annotated[str | None, _opt("--val", help="A validation set (same forms as DATA).")] = None,
-    val_split: Annotated[float | None, _opt("--val-split", help="Hold out this fraction of DATA, per class, "
+    val: Annotated[str | None, typer.Option("--val", help="A validation set (same forms as DATA).")] = None,
+    val_split: Annotated[float | None, typer.Option("--val-split", help="Hold out this fraction of DATA, per class, "
                                                                 "for validation (deterministic).")] = None,
-    resume: Annotated[bool, _opt("--resume", help="Continue the run in RUN_DIR with its saved settings (with --epochs: up to that many).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in RUN_DIR with its saved settings (with --epochs: up to that many).")] = False,
     force: ForceOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32",
-    compile_: Annotated[bool, _opt("--compile", help="torch.compile the student.")] = False,
-    grad_accum: Annotated[int, _opt("--grad-accum", min=1, help="Split each batch into this many passes "
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the student.")] = False,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Split each batch into this many passes "
                                                                 "(less memory, the same step).")] = 1,
     workers: WorkersOpt = None,
     json_: JsonOpt = False,
@@ -124,11 +120,6 @@ def train(
 
     if resume and force:
         raise UsageError("--resume and --force disagree; give one of them")
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise UsageError(f"--threshold must be in [0, 1], not {threshold:g}")
-    if multi_label and teacher is not None:
-        raise UsageError("--teacher with --multi-label: distillation is for single-label training only",
-                         "train the multi-label model without a teacher")  # fmt: skip
     cfg = None
     if config is not None:
         try:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..config import HEADS, SCORES, DeiTConfig
+from ..config import HEADS, SCORES, DeiTConfig, check_threshold
 from ..errors import UsageError
 from ..images.inputs import InputItem
 from ..model import DeiT
@@ -101,9 +101,7 @@ def classify(
     if top < 1:
         raise UsageError("--top must be at least 1")
     multi = bool(getattr(model, "multi_label", False))
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise UsageError(f"--threshold must be in [0, 1], not {threshold:g}")
-    cut = (model.threshold if threshold is None else threshold) if multi else None
+    cut = (model.threshold if check_threshold(threshold) is None else threshold) if multi else None
     k = min(top, cfg.num_classes)
     labels = list(model.labels)
     runner = prepare(model, device=device, dtype=dtype)

@@ -27,12 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from .. import distributed
-from ..config import imagenet_wnids
+from ..config import check_threshold, imagenet_wnids
 from ..errors import EXIT_DATA, DeiTError, InputNotFound, UsageError
 from ..files import atomic_path, input_error
 from ..images.inputs import IMAGE_EXTENSIONS, InputItem, iter_inputs
 from .classify import Prediction, classify, default_head
-from .results import ImageOptions, Result
+from .results import ImageOptions, Result, reason, run_batches
+from .runner import prepare
 
 __all__ = [
     "LABEL_KINDS",
@@ -671,9 +672,6 @@ def iter_scores(
     options: ImageOptions | None = None,
 ) -> Iterator[ScoredImage]:  # fmt: skip
     """This process's share of a multi-label set, each image with all its sigmoid scores."""
-    from .results import reason, run_batches
-    from .runner import prepare
-
     entries = list(distributed.shard(list(enumerate(zip(lset.items, lset.target_sets or [])))))
     runner = prepare(model, device=device, dtype=dtype)
     head = head or default_head(model.config)
@@ -801,9 +799,7 @@ def multi_label_evaluation(
 ) -> tuple[MultiLabelMetrics, Iterator[ScoredImage]]:  # fmt: skip
     """Like `evaluation`, for a multi-label model on a set with label lists."""
     check_kind(model, lset)
-    t = model.threshold if threshold is None else threshold
-    if not 0.0 <= t <= 1.0:
-        raise UsageError(f"--threshold must be in [0, 1], not {t:g}")
+    t = model.threshold if check_threshold(threshold) is None else threshold
     metrics = MultiLabelMetrics(model.config.num_classes, t)
     results = iter_scores(model, lset, head=head, device=device, dtype=dtype, options=options)
     return metrics, metrics.counting(results)

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import random
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -337,7 +336,6 @@ class TrainBatch:
     step: int  # within the epoch
     images: torch.Tensor  # (n, 3, H, W) float32
     targets: torch.Tensor  # (n,) int64, or (multi-label) (n, classes) float32 multi-hot
-    global_count: int  # samples of the global batch this share belongs to (before failures)
     failed: list[str]  # images of this share that could not be decoded (skipped)
 
 
@@ -382,9 +380,8 @@ def iter_epoch(
             else:
                 rows.append(tensor)
                 targets.append(i)
-        size = min((step + 1) * batch_size, len(order)) - step * batch_size
         images = torch.stack(rows) if rows else torch.empty(0)
-        return TrainBatch(step, images, data.target_tensor(targets), size, failed)
+        return TrainBatch(step, images, data.target_tensor(targets), failed)
 
     def job(p: int, i: int):
         return _load(data.items[i], transform, sample_seed(seed, epoch, p), options)
@@ -412,12 +409,6 @@ def iter_epoch(
             yield assemble(step, loaded, wanted)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def class_counts(data: TrainSet) -> dict[str, int]:
-    """Images per class (multi-label: the images where the class is present)."""
-    counts = Counter(t for ts in data.targets for t in ts) if data.multi_label else Counter(data.targets)
-    return {c: counts.get(i, 0) for i, c in enumerate(data.classes)}
 
 
 def check_classes(saved: Sequence[str], now: Sequence[str]) -> None:

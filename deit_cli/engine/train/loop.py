@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import distributed
-from ...config import DeiTConfig
+from ...config import DeiTConfig, check_threshold
 from ...errors import (
     EXIT_DATA,
     EXIT_INTERRUPTED,
@@ -713,8 +713,7 @@ def train(opts: TrainOptions, events: Events | None = None) -> dict:
 
 def _train(opts: TrainOptions, events: Events) -> dict:
     started = time.perf_counter()
-    if opts.threshold is not None and not 0.0 <= opts.threshold <= 1.0:
-        raise UsageError(f"--threshold must be in [0, 1], not {opts.threshold:g}")
+    check_threshold(opts.threshold)
     if opts.multi_label and opts.teacher is not None:
         raise UsageError("--teacher with --multi-label: distillation is for single-label training only",
                          "train the multi-label model without a teacher")  # fmt: skip
