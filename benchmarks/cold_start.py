@@ -56,7 +56,13 @@ def main() -> None:
     deit = shutil.which("deit") or str(Path(sys.executable).parent / "deit")
     cmds = {
         "python -c 'import torch'": [sys.executable, "-c", "import torch"],
-        "deit classify one.jpg --model local.safetensors": [deit, "classify", str(img), "--model", str(tmp / "tiny.safetensors")],
+        "deit classify one.jpg --model local.safetensors": [
+            deit,
+            "classify",
+            str(img),
+            "--model",
+            str(tmp / "tiny.safetensors"),
+        ],
         "timm script": [sys.executable, "-c", TIMM.format(ckpt=tmp / "tiny.safetensors", img=img)],
         "transformers pipeline": [sys.executable, "-c", PIPELINE.format(hf=tmp / "hf", img=img)],
     }

@@ -100,17 +100,20 @@ def main(argv=None) -> int:
             assert all(r.ok for r in out)
 
         def run_maps():
-            out = list(explain_engine.explain(model, iter_inputs(paths), method=args.method, device=args.device,
-                                              options=options))  # fmt: skip
+            out = list(
+                explain_engine.explain(
+                    model, iter_inputs(paths), method=args.method, device=args.device, options=options
+                )
+            )
             assert all(r.ok for r in out)
 
         def run_files():
             out_dir = tmp / "out"
             out_dir.mkdir(exist_ok=True)
-            results = explain_engine.explain(model, iter_inputs(paths), method=args.method, device=args.device,
-                                             options=options)  # fmt: skip
-            out = list(explain_engine.write_explanations(results, out_dir, raw=args.raw, force=True,
-                                                         model=args.model))  # fmt: skip
+            results = explain_engine.explain(
+                model, iter_inputs(paths), method=args.method, device=args.device, options=options
+            )
+            out = list(explain_engine.write_explanations(results, out_dir, raw=args.raw, force=True, model=args.model))
             assert all(r.ok and r.files for r in out)
 
         t = eval_transform(model.preprocessing)
@@ -132,8 +135,10 @@ def main(argv=None) -> int:
         times = interleaved(jobs, args.repeats)
         model_times = interleaved(model_jobs, args.repeats)
 
-    print(f"# {args.model} (random init), {n} images of 320x240 JPEG, batch {args.batch_size}, "
-          f"device {args.device}, torch threads {torch.get_num_threads()}, median of {args.repeats}")  # fmt: skip
+    print(
+        f"# {args.model} (random init), {n} images of 320x240 JPEG, batch {args.batch_size}, "
+        f"device {args.device}, torch threads {torch.get_num_threads()}, median of {args.repeats}"
+    )
     print(f"{'job':<44} {'wall ms/img':>11} {'ratio':>7}   {'CPU ms/img':>10} {'ratio':>7}")
     report(times, n)
     report(model_times, b)

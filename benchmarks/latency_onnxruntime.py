@@ -55,9 +55,11 @@ def main() -> None:
     opts.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     runner = prepare(model, device="cpu", dtype="fp32")
-    print(f"{args.model} (random weights), CPU, {threads} threads; graph: opset {result.opset}, {result.dtype}, "
-          f"exported and checked in {export_s:.1f} s (max |diff| {result.max_abs_diff:.2e}); "
-          f"onnxruntime {ort.__version__}, torch {torch.__version__}; deit path {runner.path}")  # fmt: skip
+    print(
+        f"{args.model} (random weights), CPU, {threads} threads; graph: opset {result.opset}, {result.dtype}, "
+        f"exported and checked in {export_s:.1f} s (max |diff| {result.max_abs_diff:.2e}); "
+        f"onnxruntime {ort.__version__}, torch {torch.__version__}; deit path {runner.path}"
+    )
 
     g = torch.Generator().manual_seed(0)
     S = model.config.image_size
@@ -80,8 +82,10 @@ def main() -> None:
                     p50[k].append(statistics.median(ts) * 1e3)
             med = {k: statistics.median(v) for k, v in p50.items()}
             for k, v in p50.items():
-                print(f"batch {batch:>3}  {k:<12} median {med[k]:8.2f} ms  ({batch / med[k] * 1e3:7.1f} img/s; "
-                      f"rounds {min(v):.2f}..{max(v):.2f})")  # fmt: skip
+                print(
+                    f"batch {batch:>3}  {k:<12} median {med[k]:8.2f} ms  ({batch / med[k] * 1e3:7.1f} img/s; "
+                    f"rounds {min(v):.2f}..{max(v):.2f})"
+                )
             print(f"batch {batch:>3}  onnxruntime / deit latency: {med['onnxruntime'] / med['deit']:.2f}x")
 
 

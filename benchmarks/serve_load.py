@@ -36,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-NAIVE = '''
+NAIVE = """
 import base64, io, sys
 import uvicorn
 from fastapi import FastAPI, Request
@@ -59,7 +59,7 @@ async def score(request: Request):
 
 print("serving", flush=True, file=sys.stderr)
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
-'''
+"""
 
 
 def free_port() -> int:
@@ -70,8 +70,9 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, cmd: list[str], port: int | None, env: dict):
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                                     cwd=ROOT)  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
+        )
         self.lines: list[str] = []
         ready = threading.Event()
 
@@ -180,8 +181,15 @@ def load(port: int, bodies: list[bytes], concurrency: int, requests: int, max_se
     if before and after and after[1] > before[1]:
         mean_batch = (after[0] - before[0]) / (after[1] - before[1])
     done = len(lat) + errors[0]
-    return {"rps": len(lat) / wall, "p50": pct(50), "p90": pct(90), "p99": pct(99), "batch": mean_batch,
-            "errors": errors[0] / done if done else 0.0, "n": done}  # fmt: skip
+    return {
+        "rps": len(lat) / wall,
+        "p50": pct(50),
+        "p90": pct(90),
+        "p99": pct(99),
+        "batch": mean_batch,
+        "errors": errors[0] / done if done else 0.0,
+        "n": done,
+    }
 
 
 def main() -> None:
@@ -229,21 +237,43 @@ def main() -> None:
             (images / f"{i}.jpg").write_bytes(buf.getvalue())
             bodies.append(json.dumps({"input_data": [base64.b64encode(buf.getvalue()).decode()]}).encode())
 
-        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               "DEIT_API_KEY": ""}  # fmt: skip
-        deit = [sys.executable, "-m", "deit_cli", "serve", "-m", model_path, "--port", "0", "--device", args.device,
-                "--dtype", args.dtype, "--max-queue", "1024", *args.serve_args.split()]  # fmt: skip
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "DEIT_API_KEY": "",
+        }
+        deit = [
+            sys.executable,
+            "-m",
+            "deit_cli",
+            "serve",
+            "-m",
+            model_path,
+            "--port",
+            "0",
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+            "--max-queue",
+            "1024",
+            *args.serve_args.split(),
+        ]
         servers = {
-            f"deit serve (batches of {args.batch})": (deit + ["--max-batch-size", str(args.batch),
-                                                              "--max-delay-ms", str(args.delay_ms)], None),
+            f"deit serve (batches of {args.batch})": (
+                deit + ["--max-batch-size", str(args.batch), "--max-delay-ms", str(args.delay_ms)],
+                None,
+            ),
             "deit serve --max-batch-size 1": (deit + ["--max-batch-size", "1"], None),
-        }  # fmt: skip
+        }
         if args.naive:
             script = tmp / "naive.py"
             script.write_text(NAIVE)
             port = free_port()
             servers["transformers pipeline + FastAPI"] = (
-                [sys.executable, str(script), str(tmp / "hf"), str(port), args.device], port)
+                [sys.executable, str(script), str(tmp / "hf"), str(port), args.device],
+                port,
+            )
 
         results: dict[tuple[str, int], list[dict]] = {}
         for rep in range(args.reps):  # interleaved: each rep runs every server once
@@ -255,34 +285,69 @@ def main() -> None:
                     for c in levels:
                         r = load(server.port, bodies, c, args.requests, args.seconds)
                         results.setdefault((name, c), []).append(r)
-                        print(f"rep {rep + 1} {name:<36} c={c:<3} {r['rps']:8.1f} req/s  p50 {r['p50']:8.1f} ms"
-                              f"  p99 {r['p99']:8.1f} ms  batch {r['batch'] or 0:5.1f}  n={r['n']}",
-                              file=sys.stderr, flush=True)  # fmt: skip
+                        print(
+                            f"rep {rep + 1} {name:<36} c={c:<3} {r['rps']:8.1f} req/s  p50 {r['p50']:8.1f} ms"
+                            f"  p99 {r['p99']:8.1f} ms  batch {r['batch'] or 0:5.1f}  n={r['n']}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                 finally:
                     server.stop()
 
         bench = None
         if not args.no_bench:
-            out = subprocess.run([sys.executable, "-m", "deit_cli", "bench", "-m", model_path, "--end-to-end",
-                                  str(images), "-b", str(args.batch), "--device", args.device, "--dtype", args.dtype,
-                                  "--json", "--reps", str(max(3, args.reps))],
-                                 capture_output=True, text=True, env=env, cwd=ROOT)  # fmt: skip
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "deit_cli",
+                    "bench",
+                    "-m",
+                    model_path,
+                    "--end-to-end",
+                    str(images),
+                    "-b",
+                    str(args.batch),
+                    "--device",
+                    args.device,
+                    "--dtype",
+                    args.dtype,
+                    "--json",
+                    "--reps",
+                    str(max(3, args.reps)),
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=ROOT,
+            )
             if out.returncode == 0:
                 bench = json.loads(out.stdout)[0]["images_per_s"]
             else:
                 print("deit bench --end-to-end failed: " + out.stderr.strip().splitlines()[-1], file=sys.stderr)
 
-        med = {k: {f: statistics.median([r[f] for r in v if r[f] is not None] or [float("nan")])
-                   for f in ("rps", "p50", "p90", "p99", "batch", "errors")} for k, v in results.items()}  # fmt: skip
-        print(f"# {len(bodies)} distinct 500x375 JPEGs, 1 image per request, {args.requests} requests per level, "
-              f"medians of {args.reps} interleaved runs; device {args.device}, dtype {args.dtype}, "
-              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
-        print(f"{'server':<36} {'clients':>7} {'img/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
-              f"{'batch':>6} {'errors':>7}")  # fmt: skip
+        med = {
+            k: {
+                f: statistics.median([r[f] for r in v if r[f] is not None] or [float("nan")])
+                for f in ("rps", "p50", "p90", "p99", "batch", "errors")
+            }
+            for k, v in results.items()
+        }
+        print(
+            f"# {len(bodies)} distinct 500x375 JPEGs, 1 image per request, {args.requests} requests per level, "
+            f"medians of {args.reps} interleaved runs; device {args.device}, dtype {args.dtype}, "
+            f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+        )
+        print(
+            f"{'server':<36} {'clients':>7} {'img/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
+            f"{'batch':>6} {'errors':>7}"
+        )
         for (name, c), m in med.items():
             batch = f"{m['batch']:6.1f}" if m["batch"] == m["batch"] else f"{'-':>6}"
-            print(f"{name:<36} {c:>7} {m['rps']:8.1f} {m['p50']:8.1f} {m['p90']:8.1f} {m['p99']:8.1f} {batch} "
-                  f"{m['errors']:7.1%}")  # fmt: skip
+            print(
+                f"{name:<36} {c:>7} {m['rps']:8.1f} {m['p50']:8.1f} {m['p90']:8.1f} {m['p99']:8.1f} {batch} "
+                f"{m['errors']:7.1%}"
+            )
         names = list(servers)
         print()
         for c in levels:

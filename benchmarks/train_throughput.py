@@ -54,12 +54,26 @@ def deit_step_fn(student_sd, teacher_sd, batch_size: int, amp_dtype, device):
     recipe = replace(PLAIN, batch_size=batch_size, lr=5e-4)
     opts = loop.TrainOptions(data="", run_dir=None, recipe=recipe, teacher="bench")
     run = loop._Run(
-        opts, recipe, model, loop.TrainingHeads(model), loop.Teacher(teacher_net, variant.preprocessing, None, fast),
+        opts,
+        recipe,
+        model,
+        loop.TrainingHeads(model),
+        loop.Teacher(teacher_net, variant.preprocessing, None, fast),
         DistillationLoss(base_loss(soft_targets=False, smoothing=0.0), "hard", 0.5, 1.0),
         torch.optim.AdamW(loop.param_groups(model, 0.05), lr=5e-4, fused=True),
-        torch.amp.GradScaler(device.type, enabled=False), None, Mixup(0, 0, 0.5, 0, 1000), device, amp_dtype,
-        None, None, 1, 0, 1, loop._StopFlag(), loop.Events(),
-    )  # fmt: skip
+        torch.amp.GradScaler(device.type, enabled=False),
+        None,
+        Mixup(0, 0, 0.5, 0, 1000),
+        device,
+        amp_dtype,
+        None,
+        None,
+        1,
+        0,
+        1,
+        loop._StopFlag(),
+        loop.Events(),
+    )
 
     def step(x, y):
         loop._step(run, TrainBatch(0, x, y, []), 0)
@@ -75,12 +89,22 @@ def timm_step_fn(student_sd, teacher_net, amp_dtype, device):
     model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
     model.load_state_dict(student_sd)
     model.to(device).train()
-    task = TokenDistillationTask(model, teacher_net, criterion=torch.nn.CrossEntropyLoss(), distill_type="hard",
-                                 task_loss_weight=0.5, device=device, verbose=False)  # fmt: skip
+    task = TokenDistillationTask(
+        model,
+        teacher_net,
+        criterion=torch.nn.CrossEntropyLoss(),
+        distill_type="hard",
+        task_loss_weight=0.5,
+        device=device,
+        verbose=False,
+    )
     task.train()
     optimizer = create_optimizer_v2(model, "adamw", lr=5e-4, weight_decay=0.05)
-    ctx = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else (lambda: torch.autocast(
-        device.type, enabled=False))  # fmt: skip
+    ctx = (
+        (lambda: torch.autocast(device.type, dtype=amp_dtype))
+        if amp_dtype
+        else (lambda: torch.autocast(device.type, enabled=False))
+    )
 
     def step(x, y):
         with ctx():
@@ -117,12 +141,16 @@ def main() -> None:
     x = torch.randn(args.batch, 3, 224, 224, device=device)
     y = torch.randint(0, 1000, (args.batch,), device=device)
     teacher_sd = {k: v.clone() for k, v in teacher.state_dict().items()}
-    steps = {"deit": deit_step_fn(student_sd, teacher_sd, args.batch, amp_dtype, device),
-             "timm": timm_step_fn(student_sd, teacher, amp_dtype, device)}  # fmt: skip
+    steps = {
+        "deit": deit_step_fn(student_sd, teacher_sd, args.batch, amp_dtype, device),
+        "timm": timm_step_fn(student_sd, teacher, amp_dtype, device),
+    }
     if args.compile:
         print("note: --compile compiles the step functions' models lazily on the warm-up step")
-    print(f"deit-tiny-distilled, hard distillation (teacher: deit-tiny), batch {args.batch}, {args.dtype}, "
-          f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}")
+    print(
+        f"deit-tiny-distilled, hard distillation (teacher: deit-tiny), batch {args.batch}, {args.dtype}, "
+        f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}"
+    )
     rates: dict[str, list[float]] = {k: [] for k in steps}
     cpu_rates: dict[str, list[float]] = {k: [] for k in steps}
     for rep in range(args.reps):
@@ -138,12 +166,16 @@ def main() -> None:
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             rates[name].append(args.batch * args.steps / wall)
             cpu_rates[name].append(args.batch * args.steps / cpu)
-            print(f"rep {rep + 1}  {name}: {rates[name][-1]:8.2f} images/s   "
-                  f"{cpu_rates[name][-1]:8.2f} images per CPU-second")  # fmt: skip
+            print(
+                f"rep {rep + 1}  {name}: {rates[name][-1]:8.2f} images/s   "
+                f"{cpu_rates[name][-1]:8.2f} images per CPU-second"
+            )
     for what, table in (("images/s", rates), ("images per CPU-second", cpu_rates)):
         med = {k: statistics.median(v) for k, v in table.items()}
-        print(f"median {what}  deit: {med['deit']:.2f}   timm: {med['timm']:.2f}   "
-              f"ratio deit/timm: {med['deit'] / med['timm']:.3f}")  # fmt: skip
+        print(
+            f"median {what}  deit: {med['deit']:.2f}   timm: {med['timm']:.2f}   "
+            f"ratio deit/timm: {med['deit'] / med['timm']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,12 @@ DEFAULT_OPSET = 18
 # Precision names; float32/float16/bfloat16 (and float, half) are accepted as aliases.
 DTYPES = ("fp32", "bf16", "fp16")
 DTYPE_ALIASES = {
-    "float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16",
-}  # fmt: skip
+    "float32": "fp32",
+    "float": "fp32",
+    "bfloat16": "bf16",
+    "float16": "fp16",
+    "half": "fp16",
+}
 
 
 def dtype_name(name: str, *, allowed: tuple[str, ...] = DTYPES) -> str:

@@ -16,6 +16,7 @@ from .config import HEADS, DeiTConfig
 
 __all__ = ["HEADS", "DeiT", "DeiTConfig", "resample_pos_embed"]
 
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
         super().__init__()
@@ -141,9 +142,7 @@ class DeiT(nn.Module):
             x = block(x)
         return self.norm(x)
 
-    def forward_head(
-        self, tokens: torch.Tensor, head: str = "avg", pre_logits: bool = False
-    ) -> torch.Tensor:
+    def forward_head(self, tokens: torch.Tensor, head: str = "avg", pre_logits: bool = False) -> torch.Tensor:
         """Tokens -> logits (or, with pre_logits or no classifier, the pooled features).
 
         head "cls" uses the class token, "dist" the distillation token, "avg" the mean of

@@ -61,10 +61,20 @@ class Variant:
 
 
 def _v(name, repo, dim, heads, distilled, size, params, gmacs, top1, top5, aliases):
-    config = DeiTConfig(image_size=size, patch_size=16, embed_dim=dim, depth=12, num_heads=heads,
-                        distilled=distilled, num_classes=1000)  # fmt: skip
-    return Variant(name=name, hub_repo=repo, config=config, params_m=params, gmacs=gmacs, top1=top1, top5=top5,
-                   aliases=aliases, preprocessing=Preprocessing(image_size=size))  # fmt: skip
+    config = DeiTConfig(
+        image_size=size, patch_size=16, embed_dim=dim, depth=12, num_heads=heads, distilled=distilled, num_classes=1000
+    )
+    return Variant(
+        name=name,
+        hub_repo=repo,
+        config=config,
+        params_m=params,
+        gmacs=gmacs,
+        top1=top1,
+        top5=top5,
+        aliases=aliases,
+        preprocessing=Preprocessing(image_size=size),
+    )
 
 
 # Published numbers: the DeiT paper / model cards (accuracy); mmpretrain's table (params, MACs).
@@ -111,9 +121,14 @@ def variant_for_config(config: DeiTConfig) -> Variant | None:
     for v in VARIANTS:
         c = v.config
         if (c.embed_dim, c.depth, c.num_heads, c.distilled, c.image_size, c.patch_size, c.mlp_ratio) == (
-            config.embed_dim, config.depth, config.num_heads, config.distilled, config.image_size,
-            config.patch_size, config.mlp_ratio,
-        ):  # fmt: skip
+            config.embed_dim,
+            config.depth,
+            config.num_heads,
+            config.distilled,
+            config.image_size,
+            config.patch_size,
+            config.mlp_ratio,
+        ):
             return v
     return None
 

@@ -33,8 +33,9 @@ def colour_model():
     """
     from deit_cli.model import DeiT, DeiTConfig
 
-    cfg = DeiTConfig(image_size=32, patch_size=16, embed_dim=8, depth=1, num_heads=2, mlp_ratio=1.0,
-                     num_classes=len(COLOURS))  # fmt: skip
+    cfg = DeiTConfig(
+        image_size=32, patch_size=16, embed_dim=8, depth=1, num_heads=2, mlp_ratio=1.0, num_classes=len(COLOURS)
+    )
     m = DeiT(cfg)
     for p in m.parameters():
         p.zero_()

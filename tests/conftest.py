@@ -100,15 +100,29 @@ def torchrun(*args, cwd: Path, timeout: float = 180) -> subprocess.CompletedProc
     """`torchrun --standalone --nproc-per-node 2 -m deit_cli ARGS...` (gloo on the CPU),
     temporary files under cwd/tmp, this checkout's deit_cli first on the path."""
     (cwd / "tmp").mkdir(exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(cwd / "tmp"),
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TMPDIR": str(cwd / "tmp"),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "deit_cli",
-           *map(str, args)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "deit_cli",
+        *map(str, args),
+    ]
     # A session of its own, so that a hang kills the workers too, not only torchrun.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -114,9 +114,7 @@ class FakeHub:
             if isinstance(spec, (str, os.PathLike))
             else {name: Path(path) for name, path in spec.items()}
         )
-        commits = {
-            name: hashlib.sha1(f"{repo_id}@{name}".encode()).hexdigest() for name in revisions
-        }
+        commits = {name: hashlib.sha1(f"{repo_id}@{name}".encode()).hexdigest() for name in revisions}
         repo = Repo(revisions=revisions, gated=gated, private=private, token=token, commits=commits)
         self.repos[repo_id] = repo
         return repo
@@ -176,9 +174,7 @@ class FakeHub:
 
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.05,), name="fakehub", daemon=True
-        )
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="fakehub", daemon=True)
         self._thread.start()
         return self
 
@@ -241,9 +237,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         commit, root = resolved
         file = (root / filename).resolve()
         if ".." in filename.split("/") or not file.is_file() or root.resolve() not in file.parents:
-            return self._error(
-                404, "EntryNotFound", f'{filename} does not exist on "{revision}"', commit=commit
-            )
+            return self._error(404, "EntryNotFound", f'{filename} does not exist on "{revision}"', commit=commit)
         data = file.read_bytes()
         sha = hashlib.sha256(data).hexdigest()
         self.send_response(200)
@@ -258,9 +252,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if body:
             self.wfile.write(data)
 
-    def _error(
-        self, status: int, code: str | None, message: str, commit: str | None = None
-    ) -> None:
+    def _error(self, status: int, code: str | None, message: str, commit: str | None = None) -> None:
         payload = f'{{"error": "{message}"}}'.encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -285,9 +277,7 @@ def point_hub_at(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
     url = url.rstrip("/")
     monkeypatch.setenv("HF_ENDPOINT", url)
     monkeypatch.setattr(constants, "ENDPOINT", url)
-    monkeypatch.setattr(
-        constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}"
-    )
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
 
 
 def set_offline(monkeypatch: pytest.MonkeyPatch, offline: bool = True) -> None:
@@ -306,9 +296,7 @@ def no_retry_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
     from huggingface_hub import file_download
     from huggingface_hub.utils import _http
 
-    fast = types.SimpleNamespace(
-        **{k: getattr(time, k) for k in dir(time) if not k.startswith("__")}
-    )
+    fast = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("__")})
     fast.sleep = lambda seconds: None
     monkeypatch.setattr(_http, "time", fast)
     monkeypatch.setattr(file_download, "time", fast)

@@ -26,10 +26,15 @@ def hf_reference(name: str, seed: int = 0):
     DeiT with teacher for distilled models, ViT for the others."""
     v = next(v for v in VARIANTS if v.name == name)
     kw = dict(
-        hidden_size=v.config.embed_dim, num_hidden_layers=v.config.depth, num_attention_heads=v.config.num_heads,
-        intermediate_size=4 * v.config.embed_dim, image_size=v.image_size, patch_size=16, num_labels=1000,
+        hidden_size=v.config.embed_dim,
+        num_hidden_layers=v.config.depth,
+        num_attention_heads=v.config.num_heads,
+        intermediate_size=4 * v.config.embed_dim,
+        image_size=v.image_size,
+        patch_size=16,
+        num_labels=1000,
         attn_implementation="eager",
-    )  # fmt: skip
+    )
     if v.distilled:
         model = transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(**kw))
     else:

@@ -17,11 +17,36 @@ from deit_cli.variants import VARIANTS
 
 FAST = ["--device", "cpu", "--random-init", "--warmup", "1", "--iters", "1", "--reps", "1", "--json"]
 FIELDS = {
-    "model", "impl", "mode", "device", "device_name", "dtype", "batch", "images_per_s", "images_per_s_min",
-    "images_per_s_max", "ms_per_batch", "latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "peak_memory_mb",
-    "memory", "params", "gmacs_per_image", "tflops", "peak_tflops", "pct_of_peak", "deit_speedup", "compile",
-    "threads", "path", "torch", "warmup", "iters", "reps",
-}  # fmt: skip
+    "model",
+    "impl",
+    "mode",
+    "device",
+    "device_name",
+    "dtype",
+    "batch",
+    "images_per_s",
+    "images_per_s_min",
+    "images_per_s_max",
+    "ms_per_batch",
+    "latency_ms_p50",
+    "latency_ms_p90",
+    "latency_ms_p99",
+    "peak_memory_mb",
+    "memory",
+    "params",
+    "gmacs_per_image",
+    "tflops",
+    "peak_tflops",
+    "pct_of_peak",
+    "deit_speedup",
+    "compile",
+    "threads",
+    "path",
+    "torch",
+    "warmup",
+    "iters",
+    "reps",
+}
 
 
 def bench_json(run_cli, *args: str) -> list[dict]:
@@ -64,8 +89,19 @@ def test_sweep_dtypes_threads_peak_and_csv(run_cli):
 def test_compare_runs_the_peers_on_the_same_weights(run_cli):
     pytest.importorskip("timm")
     pytest.importorskip("transformers")
-    rows = bench_json(run_cli, "--model", "deit-tiny-distilled", "--batch", "2", "--compare", "timm,transformers",
-                      *FAST[:-5], "--reps", "2", "--json")  # fmt: skip
+    rows = bench_json(
+        run_cli,
+        "--model",
+        "deit-tiny-distilled",
+        "--batch",
+        "2",
+        "--compare",
+        "timm,transformers",
+        *FAST[:-5],
+        "--reps",
+        "2",
+        "--json",
+    )
     assert [r["impl"] for r in rows] == ["deit", "timm", "transformers"]
     assert rows[0]["deit_speedup"] == pytest.approx(1.0)
     for r in rows[1:]:
@@ -76,14 +112,15 @@ def test_compare_runs_the_peers_on_the_same_weights(run_cli):
 
 def test_compare_skips_a_missing_peer_with_a_clear_message(tmp_path):
     # `import timm` fails in this process, as if it were not installed.
-    code = (
-        "import sys; sys.modules['timm'] = None\n"
-        "from deit_cli.cli.app import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
+    code = "import sys; sys.modules['timm'] = None\nfrom deit_cli.cli.app import main\nsys.exit(main(sys.argv[1:]))\n"
     args = ["bench", "--model", "deit-tiny", "--batch", "1", "--compare", "timm", *FAST]
-    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "NO_COLOR": "1"})  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
     assert p.returncode == 0, p.stderr
     assert "timm is not installed; skipping it" in p.stderr
     rows = json.loads(p.stdout)
@@ -95,16 +132,15 @@ def test_end_to_end_splits_input_and_model_time(run_cli, tmp_path):
 
     for i in range(5):
         (noise if i % 2 else smooth)(300 + 10 * i, 240).save(tmp_path / f"img{i}.jpg")
-    rows = bench_json(run_cli, "--model", "deit-tiny", "--batch", "2", "--end-to-end", str(tmp_path),
-                      "--workers", "2", *FAST)  # fmt: skip
+    rows = bench_json(
+        run_cli, "--model", "deit-tiny", "--batch", "2", "--end-to-end", str(tmp_path), "--workers", "2", *FAST
+    )
     (row,) = rows
     assert row["mode"] == "end-to-end" and row["images"] == 5
     assert row["input_s"] >= 0 and row["model_s"] > 0 and row["images_per_s"] > 0
 
 
-@pytest.mark.parametrize(
-    "args", [["--batch", "0"], ["--batch", "x"], ["--compare", "onnx"], ["--dtype", "fp8"]]
-)
+@pytest.mark.parametrize("args", [["--batch", "0"], ["--batch", "x"], ["--compare", "onnx"], ["--dtype", "fp8"]])
 def test_usage_errors(run_cli, args):
     rc, out, err = run_cli("bench", "--model", "deit-tiny", *FAST, *args)
     assert rc == 2 and out == ""

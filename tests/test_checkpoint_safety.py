@@ -235,8 +235,15 @@ def b_unexpected(d, sd):
 
 
 def b_resnet(d, sd):
-    save_torch(d / SRC, {"conv1.weight": torch.zeros(8, 3, 7, 7), "bn1.weight": torch.ones(8),
-                         "fc.weight": torch.zeros(10, 8), "fc.bias": torch.zeros(10)})
+    save_torch(
+        d / SRC,
+        {
+            "conv1.weight": torch.zeros(8, 3, 7, 7),
+            "bn1.weight": torch.ones(8),
+            "fc.weight": torch.zeros(10, 8),
+            "fc.bias": torch.zeros(10),
+        },
+    )
     return [SRC, DST]
 
 
@@ -349,8 +356,14 @@ CASES = [
     Case("zip-os-system", b_zip_shell, 65, ("refused", "posix.system"), canary=True),
     Case("zip-builtins-exec", b_zip_exec, 65, ("refused", "builtins.exec"), canary=True),
     Case("zip-protocol4-os-system", b_zip_shell_protocol4, 65, ("refused", "opcode"), canary=True),
-    Case("zip-payload-is-the-object", b_zip_payload_as_weights, 65, ("refused", "posix.system"),
-         subprocess=False, canary=True),
+    Case(
+        "zip-payload-is-the-object",
+        b_zip_payload_as_weights,
+        65,
+        ("refused", "posix.system"),
+        subprocess=False,
+        canary=True,
+    ),
     Case("bare-pickle-os-system", b_bare_pickle, 65, ("bare pickle",), canary=True),
     Case("bare-pickle-protocol0", b_bare_pickle_protocol0, 65, ("not a checkpoint",), canary=True),
     Case("bare-pickle-named-safetensors", b_bare_pickle_named_safetensors, 65, ("bare pickle",), canary=True),
@@ -362,40 +375,39 @@ CASES = [
     Case("random-bytes", b_random_bytes, 65, ("not a checkpoint",)),
     Case("truncated-zip", b_truncated_zip, 65, ("unreadable torch checkpoint", "zip")),
     Case("truncated-safetensors", b_truncated_safetensors, 65, ("truncated safetensors",), subprocess=False),
-    Case("huge-safetensors-header", b_huge_header, 65,
-         ("corrupt safetensors", "header of 1099511627776 bytes")),
+    Case("huge-safetensors-header", b_huge_header, 65, ("corrupt safetensors", "header of 1099511627776 bytes")),
     Case("duplicate-safetensors-keys", b_duplicate_keys, 65, ("duplicate", "cls_token"), subprocess=False),
     Case("safetensors-header-not-json", b_header_not_json, 65, ("not JSON",), subprocess=False),
     Case("legacy-torch-file", b_legacy_torch, 65, ("legacy", "re-save")),
     # 4. wrong tensors
     Case("missing-tensor", b_missing, 65, ("missing tensors", "blocks.1.mlp.fc2.weight"), subprocess=False),
-    Case("missing-tensor-safetensors", b_missing_safetensors, 65,
-         ("missing tensors", "blocks.1.mlp.fc2.weight")),
-    Case("misshaped-tensor", b_misshaped, 65, ("mis-shaped", "blocks.0.attn.qkv.weight", "(10, 64)"),
-         subprocess=False),
+    Case("missing-tensor-safetensors", b_missing_safetensors, 65, ("missing tensors", "blocks.1.mlp.fc2.weight")),
+    Case("misshaped-tensor", b_misshaped, 65, ("mis-shaped", "blocks.0.attn.qkv.weight", "(10, 64)"), subprocess=False),
     Case("unexpected-tensor", b_unexpected, 65, ("unexpected tensors", "extra.weight"), subprocess=False),
     Case("resnet-layout", b_resnet, 65, ("unrecognised", "layout", "conv1.weight"), subprocess=False),
-    Case("int64-tensor", b_int64, 65, ("blocks.0.attn.qkv.weight", "int64", "floating point"),
-         subprocess=False),
+    Case("int64-tensor", b_int64, 65, ("blocks.0.attn.qkv.weight", "int64", "floating point"), subprocess=False),
     Case("no-tensors", b_no_tensors, 65, ("no dictionary of tensors",), subprocess=False),
     # 5. the read-back check: fp16 turns a large weight into inf
-    Case("fp16-overflow-fails-check", b_fp16_overflow, 65,
-         ("conversion check failed", "fp16", "nothing written")),
+    Case("fp16-overflow-fails-check", b_fp16_overflow, 65, ("conversion check failed", "fp16", "nothing written")),
     # 6. destinations
     Case("dst-exists", b_dst_exists, 73, ("already exists", "--force")),
     Case("dst-is-src", b_dst_is_src, 2, ("destination is the source",), subprocess=False),
     Case("dst-is-src-respelled", b_dst_is_src_respelled, 2, ("destination is the source",), subprocess=False),
-    Case("dst-is-src-absolute-vs-relative", b_dst_is_src_abs, 2, ("destination is the source",),
-         subprocess=False),
+    Case("dst-is-src-absolute-vs-relative", b_dst_is_src_abs, 2, ("destination is the source",), subprocess=False),
     Case("dst-symlink-to-src", b_dst_symlink_to_src, 2, ("destination is the source",)),
-    Case("dst-symlink-elsewhere-force", b_dst_symlink_elsewhere, 73, ("not a regular file",),
-         subprocess=False),
+    Case("dst-symlink-elsewhere-force", b_dst_symlink_elsewhere, 73, ("not a regular file",), subprocess=False),
     Case("dst-dir-missing", b_dst_no_dir, 73, ("nosuchdir", "does not exist"), subprocess=False),
     Case("dst-under-proc", b_dst_proc, 73, ("cannot create", "/proc"), subprocess=False, elsewhere="/proc"),
     Case("dst-under-sys", b_dst_sys, 73, ("cannot create", "/sys"), subprocess=False, elsewhere="/sys"),
     Case("dst-dev-full", b_dst_dev_full, 73, ("/dev/full", "already exists"), elsewhere="/dev"),
-    Case("dst-dev-full-force", b_dst_dev_full_force, 73, ("/dev/full", "not a regular file"),
-         subprocess=False, elsewhere="/dev"),
+    Case(
+        "dst-dev-full-force",
+        b_dst_dev_full_force,
+        73,
+        ("/dev/full", "not a regular file"),
+        subprocess=False,
+        elsewhere="/dev",
+    ),
     # 8. sources that are not there
     Case("src-missing", b_src_missing, 66, ("nosuch.pth", "no such file")),
     Case("src-empty-dir", b_src_empty_dir, 66, ("no model.safetensors",), subprocess=False),
@@ -431,8 +443,16 @@ def temp_files(directory: str | Path) -> list[str]:
 
 
 def cli(cwd: Path, args: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deit_cli", "convert", *args], cwd=cwd, env=ENV,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "deit_cli", "convert", *args],
+        cwd=cwd,
+        env=ENV,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **kw,
+    )
 
 
 def assert_one_error_line(stderr: str, words: tuple[str, ...] = ()) -> str:
@@ -659,9 +679,16 @@ def test_ctrl_c_during_the_write_leaves_nothing(tmp_path):
     def default_sigint():  # a runner started in the background may ignore SIGINT
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-    p = subprocess.Popen([sys.executable, "-m", "deit_cli", "convert", SRC, DST], cwd=tmp_path, env=ENV,
-                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=default_sigint)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "deit_cli", "convert", SRC, DST],
+        cwd=tmp_path,
+        env=ENV,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_sigint,
+    )
     sent = False
     deadline = time.monotonic() + 60
     try:

@@ -76,8 +76,20 @@ def test_table_for_a_few_images_and_one_table_for_many(run_cpu, model_path, colo
 @pytest.mark.parametrize("head", ["cls", "dist", "avg"])
 def test_heads_and_logits(run_cpu, model_path, colour_dir, head):
     files = colour_files(colour_dir)[3:]
-    rc, out, _ = run_cpu("classify", *files, "--model", model_path, "--head", head, "--scores", "logit",
-                         "--top", "6", "--format", "jsonl")  # fmt: skip
+    rc, out, _ = run_cpu(
+        "classify",
+        *files,
+        "--model",
+        model_path,
+        "--head",
+        head,
+        "--scores",
+        "logit",
+        "--top",
+        "6",
+        "--format",
+        "jsonl",
+    )
     assert rc == 0
     for rec, logits in zip(records(out), expected_scores(model_path, files, head=head, scores="logit")):
         assert rec["head"] == head
@@ -93,7 +105,7 @@ def test_top_is_capped_at_the_number_of_classes(run_cpu, model_path, colour_dir)
 @pytest.mark.parametrize(
     "options, kwargs",
     [(["--crop-pct", "0.5"], {"crop_pct": 0.5}), (["--resize", "squash"], {"resize_mode": "squash"})],
-)  # fmt: skip
+)
 def test_preprocessing_options(run_cpu, model_path, tmp_path, options, kwargs):
     # Red, blue and green bands: each option changes what the model sees, and the scores
     # follow the model on exactly that. (--no-exif is in test_features: rotating an image
@@ -128,8 +140,17 @@ def mixed_inputs(tmp_path, colour_dir):
     (d / "doc.jpg").write_bytes(PDF_BYTES)
     truncated_jpeg(d / "cut.jpg")
     (tmp_path / "noimages").mkdir()
-    inputs = [spaced, d / "missing.png", d / "empty.png", newline, d / "text.jpg", d / "doc.jpg", d / "cut.jpg",
-              tmp_path / "noimages", dash]  # fmt: skip
+    inputs = [
+        spaced,
+        d / "missing.png",
+        d / "empty.png",
+        newline,
+        d / "text.jpg",
+        d / "doc.jpg",
+        d / "cut.jpg",
+        tmp_path / "noimages",
+        dash,
+    ]
     good = {str(spaced): "red", str(newline): "blue", str(dash): "green"}
     return [str(p) for p in inputs], good
 
@@ -174,7 +195,9 @@ def test_none_readable_is_66(run_cpu, model_path, tmp_path):
     assert [r["path"] for r in records(out)] == [str(tmp_path / "a.jpg"), str(tmp_path / "missing.png")]
     assert "none of the 2 inputs could be read" in err
     rc, out, err = run_cpu("classify", tmp_path / "missing.png", "--model", model_path, "--format", "json")
-    assert rc == 66 and json.loads(out) == [{"path": str(tmp_path / "missing.png"), "error": "no such file or directory"}]
+    assert rc == 66 and json.loads(out) == [
+        {"path": str(tmp_path / "missing.png"), "error": "no such file or directory"}
+    ]
 
 
 def test_paths_from_stdin(run_cpu, model_path, colour_dir, monkeypatch):
@@ -189,9 +212,16 @@ def test_paths_from_stdin(run_cpu, model_path, colour_dir, monkeypatch):
 
 @pytest.mark.parametrize(
     "args",
-    [["--format", "xml"], ["--head", "both"], ["--top", "0"], ["--crop-pct", "1.5"], ["--resize", "stretch"],
-     ["--dtype", "fp8"], ["--batch-size", "0"]],
-)  # fmt: skip
+    [
+        ["--format", "xml"],
+        ["--head", "both"],
+        ["--top", "0"],
+        ["--crop-pct", "1.5"],
+        ["--resize", "stretch"],
+        ["--dtype", "fp8"],
+        ["--batch-size", "0"],
+    ],
+)
 def test_usage_errors(run_cpu, model_path, colour_dir, args):
     rc, out, _ = run_cpu("classify", colour_dir / "red.png", "--model", model_path, *args)
     assert rc == 2 and out == ""

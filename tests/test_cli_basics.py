@@ -15,8 +15,13 @@ PROBE = "import sys, runpy; sys.argv = ['deit', *sys.argv[1:]]; from deit_cli.cl
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", PROBE, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
 
 
 def _command_names() -> list[str]:
@@ -65,8 +70,12 @@ def test_usage_error_exit_code(run_cli):
 
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
 def test_completion_scripts_are_current(shell):
-    p = subprocess.run([sys.executable, "-m", "deit_cli", "--show-completion", shell], capture_output=True,
-                       text=True, env={**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"})  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-m", "deit_cli", "--show-completion", shell],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"},
+    )
     assert p.returncode == 0
     # the installed script names the `deit` executable; `python -m` names itself
     expected = (ROOT / "completions" / f"deit.{shell}").read_text()
@@ -171,8 +180,9 @@ def test_precision_names_are_the_same_everywhere(run_cli, model_path, colour_dir
 
     for name in ("fp16", "float16"):
         dst = tmp_path / f"{name}.npy"
-        rc, _, err = run_cli("extract-features", colour_dir, "-m", model_path, "--device", "cpu", "-o", dst,
-                             "--out-dtype", name, "-q")  # fmt: skip
+        rc, _, err = run_cli(
+            "extract-features", colour_dir, "-m", model_path, "--device", "cpu", "-o", dst, "--out-dtype", name, "-q"
+        )
         assert rc == 0, err
         assert np.load(dst).dtype == np.float16
     rc, _, err = run_cli("extract-features", colour_dir, "-m", model_path, "--out-dtype", "bf16")

@@ -60,7 +60,11 @@ def test_round_trip_timm_deit_timm_hf(tmp_path, timm_pth, run_cli, name):
     # deit -> hf: transformers' from_pretrained takes it
     rc, out, err = run_cli("convert", tmp_path / "m.safetensors", tmp_path / "hf", "--to", "hf", "--json")
     assert rc == 0, err
-    assert {p.name for p in (tmp_path / "hf").iterdir()} == {"config.json", "model.safetensors", "preprocessor_config.json"}
+    assert {p.name for p in (tmp_path / "hf").iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    }
     hf = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "hf").eval()
     expected_cls = "DeiTForImageClassificationWithTeacher" if "distilled" in name else "ViTForImageClassification"
     assert type(hf).__name__ == expected_cls

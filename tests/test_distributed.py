@@ -60,8 +60,19 @@ def test_torchrun_features_equal_one_process(run_cpu, model_path, seven_images, 
     out.mkdir()
     rc, _, _ = run_cpu("extract-features", seven_images, "--model", model_path, "-o", out / "one.npy", "-q")
     assert rc == 0
-    p = torchrun("extract-features", seven_images, "--model", model_path, "-o", out / "two.npy", "--device", "cpu",
-                 "--batch-size", "2", cwd=tmp_path)  # fmt: skip
+    p = torchrun(
+        "extract-features",
+        seven_images,
+        "--model",
+        model_path,
+        "-o",
+        out / "two.npy",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout == ""
     np.testing.assert_array_equal(np.load(out / "two.npy"), np.load(out / "one.npy"))
@@ -75,8 +86,7 @@ def test_torchrun_classify_jsonl_equals_one_process_with_a_failure(run_cpu, mode
     (seven_images / "3-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     rc, one, _ = run_cpu("classify", seven_images, "--model", model_path, "--format", "jsonl")
     assert rc == 1
-    p = torchrun("classify", seven_images, "--model", model_path, "--format", "jsonl", "--device", "cpu",
-                 cwd=tmp_path)  # fmt: skip
+    p = torchrun("classify", seven_images, "--model", model_path, "--format", "jsonl", "--device", "cpu", cwd=tmp_path)
     assert p.returncode != 0  # rank 0 exits 1 (one input failed); torchrun reports that
     assert p.stdout == one
     recs = [json.loads(line) for line in p.stdout.splitlines()]

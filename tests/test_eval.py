@@ -26,8 +26,18 @@ from deit_cli.model import DeiT, DeiTConfig
 from deit_cli.variants import IMAGENET_MEAN, IMAGENET_STD
 
 LEVELS = [20 + 22 * j for j in range(10)]
-LABELS = ["apple", "banana", "cherry pie", "date", "elderberry", "fig, common fig", "grape", "hazelnut",
-          "iris", "juniper"]  # fmt: skip
+LABELS = [
+    "apple",
+    "banana",
+    "cherry pie",
+    "date",
+    "elderberry",
+    "fig, common fig",
+    "grape",
+    "hazelnut",
+    "iris",
+    "juniper",
+]
 # The 1000-class model puts colour class j at ImageNet class IMAGENET_IDX[j].
 IMAGENET_IDX = [0, 1, 2, 100, 281, 400, 500, 700, 900, 999]
 # (true class, colour class) of each image: 7 right at top-1; (5, 6) is rank 3, (8, 9)
@@ -106,11 +116,13 @@ def models(tmp_path_factory) -> dict[str, str]:
     ten = dict(enumerate(LEVELS))
     return {
         "names": _save(colour_model(LABELS, ten), d / "names.safetensors"),
-        "imagenet": _save(colour_model(list(imagenet_classes()),
-                                       {IMAGENET_IDX[j]: lv for j, lv in ten.items()}), d / "imagenet.safetensors"),
+        "imagenet": _save(
+            colour_model(list(imagenet_classes()), {IMAGENET_IDX[j]: lv for j, lv in ten.items()}),
+            d / "imagenet.safetensors",
+        ),
         # labels that are digits, in reverse: folder "0" reads as class 0 and as class 9
         "digits": _save(colour_model([str(9 - j) for j in range(10)], ten), d / "digits.safetensors"),
-    }  # fmt: skip
+    }
 
 
 def paint(path: Path, colour: int, size=(40, 30)) -> Path:
@@ -153,13 +165,18 @@ LAYOUTS = {
     "folders by index": lambda tmp: ([make_folders(tmp / "set", str)], "names", "index"),
     "folders by WordNet id": lambda tmp: ([make_folders(tmp / "set", wnid)], "imagenet", "wnid"),
     "csv with header, names": lambda tmp: (
-        [make_list(tmp, "val.csv", lambda t: f'"{LABELS[t]}"', header="path,label")], "names", "name"),
+        [make_list(tmp, "val.csv", lambda t: f'"{LABELS[t]}"', header="path,label")],
+        "names",
+        "name",
+    ),
     "tsv, indices": lambda tmp: ([make_list(tmp, "val.tsv", str, sep="\t")], "names", "index"),
     "whitespace list, WordNet ids": lambda tmp: ([make_list(tmp, "val.txt", wnid, sep=" ")], "imagenet", "wnid"),
     "SET with --labels": lambda tmp: (
         [tmp, "--labels", make_list(tmp, "../labels.csv", lambda t: IMAGENET_IDX[t], header="file,class")],
-        "imagenet", "index"),
-}  # fmt: skip
+        "imagenet",
+        "index",
+    ),
+}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -315,8 +332,9 @@ def test_nothing_to_evaluate_exits_66(tmp_path, run_cli, models, case):
 def test_predictions_jsonl_in_set_order_and_never_overwritten(tmp_path, run_cli, models):
     make_folders(tmp_path / "set")
     out = tmp_path / "p.jsonl"
-    rc, _, err = eval_json(run_cli, tmp_path / "set", "--model", models["names"], "--predictions", out,
-                           "--batch-size", "3")  # fmt: skip
+    rc, _, err = eval_json(
+        run_cli, tmp_path / "set", "--model", models["names"], "--predictions", out, "--batch-size", "3"
+    )
     assert rc == 0, err
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["target"] for r in records] == [t for t, _ in SET]  # class folders sorted, as found
@@ -354,8 +372,22 @@ def test_bad_top_is_a_usage_error(tmp_path, run_cli, models):
 def test_help_names_the_options(run_cli):
     rc, out, _ = run_cli("eval", "--help")
     assert rc == 0
-    for opt in ("--topk", "--per-class", "--predictions", "--labels", "--label-by", "--head", "--crop-pct",
-                "--resize", "--batch-size", "--device", "--dtype", "--workers", "--json", "--quiet"):
+    for opt in (
+        "--topk",
+        "--per-class",
+        "--predictions",
+        "--labels",
+        "--label-by",
+        "--head",
+        "--crop-pct",
+        "--resize",
+        "--batch-size",
+        "--device",
+        "--dtype",
+        "--workers",
+        "--json",
+        "--quiet",
+    ):
         assert opt in out, opt
 
 
@@ -365,8 +397,20 @@ def test_help_names_the_options(run_cli):
 def test_torchrun_two_cpu_processes_equal_one(tmp_path, run_cli, models):
     make_folders(tmp_path / "set")
     (tmp_path / "set" / LABELS[2] / "broken.jpg").write_text("not a picture")  # failures merge too
-    args = ["eval", str(tmp_path / "set"), "--model", models["names"], "--json", "--per-class", "--device", "cpu",
-            "--batch-size", "2", "--topk", "1,2,5"]  # fmt: skip
+    args = [
+        "eval",
+        str(tmp_path / "set"),
+        "--model",
+        models["names"],
+        "--json",
+        "--per-class",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--topk",
+        "1,2,5",
+    ]
     rc, out, err = run_cli(*args, "--predictions", tmp_path / "one.jsonl")
     assert rc == 1, err
     one = json.loads(out)
@@ -374,10 +418,23 @@ def test_torchrun_two_cpu_processes_equal_one(tmp_path, run_cli, models):
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1"}
     proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "deit_cli", *args,
-         "--predictions", str(tmp_path / "two.jsonl")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
-    )  # fmt: skip
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "deit_cli",
+            *args,
+            "--predictions",
+            str(tmp_path / "two.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 1, proc.stderr  # rank 0 exits 1 (one image failed); torchrun passes it on
     two = json.loads(proc.stdout)
     timing = ("seconds", "images_per_s", "predictions")

@@ -53,8 +53,16 @@ def as_maps(rows: np.ndarray, prefix: int, grid: int) -> np.ndarray:
 
 
 def small_hf(distilled: bool):
-    kw = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, image_size=32,
-              patch_size=8, num_labels=5, attn_implementation="eager")  # fmt: skip
+    kw = dict(
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_labels=5,
+        attn_implementation="eager",
+    )
     if distilled:
         return randomize(transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(**kw)))
     return randomize(transformers.ViTForImageClassification(transformers.ViTConfig(**kw)))
@@ -107,8 +115,9 @@ def test_maps_equal_timm_with_the_same_weights(distilled):
 
     kw = dict(img_size=48, patch_size=16, embed_dim=24, depth=2, num_heads=3, num_classes=4)
     ref = randomize(VisionTransformerDistilled(**kw) if distilled else VisionTransformer(**kw), seed=3)
-    model = DeiT(DeiTConfig(image_size=48, patch_size=16, embed_dim=24, depth=2, num_heads=3, num_classes=4,
-                            distilled=distilled)).eval()  # fmt: skip
+    model = DeiT(
+        DeiTConfig(image_size=48, patch_size=16, embed_dim=24, depth=2, num_heads=3, num_classes=4, distilled=distilled)
+    ).eval()
     model.load_state_dict(ref.state_dict())
     x = images(2, 48, seed=2)
     theirs, logits = timm_probabilities(ref, x)
@@ -151,8 +160,16 @@ def looking_model(distilled: bool = True, num_classes: int = 3) -> DeiT:
     6-7): a score of about 23 against 0 elsewhere. Head 1 sees nothing: uniform. The value,
     projection and MLP weights are zero, so every block sees the same tokens.
     """
-    cfg = DeiTConfig(image_size=64, patch_size=16, embed_dim=8, depth=2, num_heads=2, mlp_ratio=1.0,
-                     num_classes=num_classes, distilled=distilled)  # fmt: skip
+    cfg = DeiTConfig(
+        image_size=64,
+        patch_size=16,
+        embed_dim=8,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=1.0,
+        num_classes=num_classes,
+        distilled=distilled,
+    )
     m = DeiT(cfg)
     for p in m.parameters():
         p.zero_()
@@ -233,8 +250,19 @@ def panel_cells(png: np.ndarray, box, grid: int) -> np.ndarray:
 
 def test_png_layout_crop_and_maximum_where_the_model_looks(run_cpu, looking_path, grey_dir, tmp_path):
     out = tmp_path / "maps"
-    rc, stdout, err = run_cpu("explain", grey_dir / "grey.png", grey_dir / "noise.png", "-m", looking_path,
-                              "-o", out, "--top", "2", "--format", "jsonl")  # fmt: skip
+    rc, stdout, err = run_cpu(
+        "explain",
+        grey_dir / "grey.png",
+        grey_dir / "noise.png",
+        "-m",
+        looking_path,
+        "-o",
+        out,
+        "--top",
+        "2",
+        "--format",
+        "jsonl",
+    )
     assert rc == 0, err
     recs = records(stdout)
     assert [r["files"]["png"] for r in recs] == [str(out / "grey.rollout.png"), str(out / "noise.rollout.png")]
@@ -278,13 +306,28 @@ def test_viridis_table_is_perceptually_ordered():
 
 def test_raw_and_per_head_files(run_cpu, looking_path, grey_dir, tmp_path):
     out = tmp_path / "maps"
-    rc, stdout, err = run_cpu("explain", grey_dir / "noise.png", "-m", looking_path, "-o", out, "--raw",
-                              "--per-head", "--method", "attention", "--format", "jsonl")  # fmt: skip
+    rc, stdout, err = run_cpu(
+        "explain",
+        grey_dir / "noise.png",
+        "-m",
+        looking_path,
+        "-o",
+        out,
+        "--raw",
+        "--per-head",
+        "--method",
+        "attention",
+        "--format",
+        "jsonl",
+    )
     assert rc == 0, err
     (rec,) = records(stdout)
     assert rec["method"] == "attention" and rec["tokens"] == ["cls", "dist"]
-    assert rec["files"] == {"png": str(out / "noise.attention.png"), "npy": str(out / "noise.attention.npy"),
-                            "heads": str(out / "noise.attention.heads.npy")}  # fmt: skip
+    assert rec["files"] == {
+        "png": str(out / "noise.attention.png"),
+        "npy": str(out / "noise.attention.npy"),
+        "heads": str(out / "noise.attention.heads.npy"),
+    }
     maps = np.load(out / "noise.attention.npy")
     heads = np.load(out / "noise.attention.heads.npy")
     assert maps.shape == (2, 4, 4) and maps.dtype == np.float32
@@ -303,8 +346,9 @@ def test_the_colour_model_through_the_cli_matches_the_library(run_cpu, model_pat
     from colours import model_inputs
 
     files = colour_files(colour_dir)[:3] + [colour_dir / "mixed.png"]
-    rc, stdout, _ = run_cpu("explain", *files, "-m", model_path, "-o", tmp_path / "o", "--raw", "-b", "3",
-                            "--format", "jsonl", "--top", "3")  # fmt: skip
+    rc, stdout, _ = run_cpu(
+        "explain", *files, "-m", model_path, "-o", tmp_path / "o", "--raw", "-b", "3", "--format", "jsonl", "--top", "3"
+    )
     assert rc == 0
     recs = records(stdout)
     model = load_model(str(model_path))
@@ -314,8 +358,9 @@ def test_the_colour_model_through_the_cli_matches_the_library(run_cpu, model_pat
     rc, cls_out, _ = run_cpu("classify", *files, "-m", model_path, "--format", "jsonl", "--top", "3")
     for rec, c in zip(recs, records(cls_out)):
         assert [p["label"] for p in rec["predictions"]] == [p["label"] for p in c["predictions"]]
-        np.testing.assert_allclose([p["score"] for p in rec["predictions"]],
-                                   [p["score"] for p in c["predictions"]], atol=1e-6)  # fmt: skip
+        np.testing.assert_allclose(
+            [p["score"] for p in rec["predictions"]], [p["score"] for p in c["predictions"]], atol=1e-6
+        )
     assert [r["predictions"][0]["label"] for r in recs[:3]] == LABELS[:3]
 
 
@@ -327,14 +372,22 @@ def test_same_stems_get_unique_names(run_cpu, model_path, tmp_path):
         (tmp_path / sub).mkdir()
         Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp_path / sub / "cat.png")
     Image.new("RGB", (40, 40), (10, 10, 200)).save(tmp_path / "a" / "CAT.jpg", format="PNG")
-    files = [tmp_path / "a" / "cat.png", tmp_path / "b" / "cat.png", tmp_path / "a" / "CAT.jpg",
-             tmp_path / "c" / "cat.png"]  # fmt: skip
+    files = [
+        tmp_path / "a" / "cat.png",
+        tmp_path / "b" / "cat.png",
+        tmp_path / "a" / "CAT.jpg",
+        tmp_path / "c" / "cat.png",
+    ]
     out = tmp_path / "o"
     rc, stdout, _ = run_cpu("explain", *files, "-m", model_path, "-o", out, "--format", "jsonl")
     assert rc == 0
     pngs = [r["files"]["png"] for r in records(stdout)]
-    assert [os.path.basename(p) for p in pngs] == ["cat.rollout.png", "cat-2.rollout.png", "CAT-3.rollout.png",
-                                                   "cat-4.rollout.png"]  # fmt: skip
+    assert [os.path.basename(p) for p in pngs] == [
+        "cat.rollout.png",
+        "cat-2.rollout.png",
+        "CAT-3.rollout.png",
+        "cat-4.rollout.png",
+    ]
     assert len(set(os.listdir(out))) == 4
     # the same names when the paths stream from stdin (decided as they come)
     out2 = tmp_path / "o2"
@@ -359,8 +412,17 @@ def test_same_stems_get_unique_names(run_cpu, model_path, tmp_path):
 
 def test_output_names_from_paths_and_urls():
     names = engine.OutputNames()
-    got = [names(p) for p in ["a/bird.jpg", "https://example.com/x/bird.JPG?size=2", "b/my photo (1).png",
-                              "c/.hidden.png", "https://example.com/", "d/bird-2.jpg"]]  # fmt: skip
+    got = [
+        names(p)
+        for p in [
+            "a/bird.jpg",
+            "https://example.com/x/bird.JPG?size=2",
+            "b/my photo (1).png",
+            "c/.hidden.png",
+            "https://example.com/",
+            "d/bird-2.jpg",
+        ]
+    ]
     assert got == ["bird", "bird-2", "my_photo_1", "hidden", "example", "bird-2-2"]
 
 
@@ -413,8 +475,9 @@ def test_existing_outputs_are_refused_without_force(run_cpu, model_path, colour_
 
 def test_headless_and_plain_models(run_cpu, grey_dir, tmp_path):
     headless = save(looking_model(num_classes=0), tmp_path / "headless.safetensors")
-    rc, stdout, err = run_cpu("explain", grey_dir / "grey.png", "-m", headless, "-o", tmp_path / "h", "--raw",
-                              "--format", "jsonl")  # fmt: skip
+    rc, stdout, err = run_cpu(
+        "explain", grey_dir / "grey.png", "-m", headless, "-o", tmp_path / "h", "--raw", "--format", "jsonl"
+    )
     assert rc == 0, err
     (rec,) = records(stdout)
     assert rec["predictions"] == []
@@ -423,8 +486,9 @@ def test_headless_and_plain_models(run_cpu, grey_dir, tmp_path):
     maps = np.load(rec["files"]["npy"])
     assert argmax2d(maps[0]) == CLS_TARGET and argmax2d(maps[1]) == DIST_TARGET
     plain = save(looking_model(distilled=False), tmp_path / "plain.safetensors")
-    rc, stdout, _ = run_cpu("explain", grey_dir / "grey.png", "-m", plain, "-o", tmp_path / "p", "--raw",
-                            "--format", "jsonl")  # fmt: skip
+    rc, stdout, _ = run_cpu(
+        "explain", grey_dir / "grey.png", "-m", plain, "-o", tmp_path / "p", "--raw", "--format", "jsonl"
+    )
     assert rc == 0
     (rec,) = records(stdout)
     assert rec["tokens"] == ["cls"] and len(rec["predictions"]) == 3
@@ -435,12 +499,14 @@ def test_headless_and_plain_models(run_cpu, grey_dir, tmp_path):
 
 
 def test_table_on_a_terminal_format(run_cpu, model_path, colour_dir, tmp_path):
-    rc, stdout, _ = run_cpu("explain", colour_dir / "red.png", "-m", model_path, "-o", tmp_path / "o",
-                            "--format", "table")  # fmt: skip
+    rc, stdout, _ = run_cpu(
+        "explain", colour_dir / "red.png", "-m", model_path, "-o", tmp_path / "o", "--format", "table"
+    )
     assert rc == 0
     assert "red.rollout.png" in stdout and " red " in stdout
-    rc, stdout, _ = run_cpu("explain", colour_dir / "red.png", "-m", model_path, "-o", tmp_path / "o", "--force",
-                            "--format", "json")  # fmt: skip
+    rc, stdout, _ = run_cpu(
+        "explain", colour_dir / "red.png", "-m", model_path, "-o", tmp_path / "o", "--force", "--format", "json"
+    )
     assert rc == 0 and json.loads(stdout)[0]["predictions"][0]["label"] == "red"
 
 
@@ -489,8 +555,10 @@ def test_the_explicit_forward_is_the_models_forward(model_path):
 
 
 def test_explain_help_does_not_import_torch():
-    probe = ("import sys; from deit_cli.cli.app import main; rc = main(['explain', '--help']); "
-             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr); sys.exit(rc)")  # fmt: skip
+    probe = (
+        "import sys; from deit_cli.cli.app import main; rc = main(['explain', '--help']); "
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr); sys.exit(rc)"
+    )
     p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stderr.strip().endswith("NO-TORCH")

@@ -31,8 +31,9 @@ LABELS = ["tabby, tabby cat", "café", "red fox", "goldfish", "daisy", "tulip", 
 
 def tiny(distilled: bool, seed: int) -> DeiT:
     """A small random DeiT at 224 (every weight seeded random, so every mapping matters)."""
-    cfg = DeiTConfig(image_size=224, patch_size=16, embed_dim=32, depth=2, num_heads=2, distilled=distilled,
-                     num_classes=len(LABELS))  # fmt: skip
+    cfg = DeiTConfig(
+        image_size=224, patch_size=16, embed_dim=32, depth=2, num_heads=2, distilled=distilled, num_classes=len(LABELS)
+    )
     m = randomize(DeiT(cfg), seed)
     m.labels, m.source = list(LABELS), f"tiny-{'distilled' if distilled else 'plain'}"
     return m
@@ -94,8 +95,10 @@ def test_onnxruntime_logits_equal_ours(run_cli, tiny_paths, tmp_path, kind, size
     assert json.loads(meta["deit.labels"]) == LABELS == model.labels
     assert meta["deit.multi_label"] == "false"
     pre = json.loads(meta["deit.preprocessing"])
-    assert pre == {**{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.preprocessing).items()},
-                   "resize_size": model.preprocessing.resize_size}  # fmt: skip
+    assert pre == {
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model.preprocessing).items()},
+        "resize_size": model.preprocessing.resize_size,
+    }
     assert pre["image_size"] == size and pre["resize_size"] == int(size / 0.875) and pre["interpolation"] == "bicubic"
     assert pre["mean"] == pytest.approx([0.485, 0.456, 0.406]) and pre["std"] == pytest.approx([0.229, 0.224, 0.225])
     assert DeiTConfig.from_dict(json.loads(meta["deit.config"])) == model.config
@@ -236,8 +239,9 @@ def test_missing_extra_is_one_line_naming_the_extra(run_cli, model_path, tmp_pat
     monkeypatch.setitem(sys.modules, missing, None)  # `import missing` raises ImportError
     rc, out, err = run_cli("export", model_path, tmp_path / "m.onnx")
     assert rc == 2 and out == ""
-    assert err.strip().splitlines() == [f"error: deit export needs {missing}, not installed here "
-                                        "(pip install 'deit-cli[onnx]')"]  # fmt: skip
+    assert err.strip().splitlines() == [
+        f"error: deit export needs {missing}, not installed here (pip install 'deit-cli[onnx]')"
+    ]
     assert list(tmp_path.iterdir()) == []
 
 
@@ -283,8 +287,10 @@ def test_panel_on_a_terminal(run_cli, model_path, tmp_path, monkeypatch):
 
 
 def test_help_does_not_import_torch_or_onnx():
-    probe = ("import sys; from deit_cli.cli.app import main; rc = main(['export', '--help']); "
-             "print(sorted({'torch', 'onnx', 'onnxruntime'} & set(sys.modules)), file=sys.stderr); sys.exit(rc)")  # fmt: skip
+    probe = (
+        "import sys; from deit_cli.cli.app import main; rc = main(['export', '--help']); "
+        "print(sorted({'torch', 'onnx', 'onnxruntime'} & set(sys.modules)), file=sys.stderr); sys.exit(rc)"
+    )
     p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "Usage" in p.stdout
     assert p.stderr.strip().endswith("[]")

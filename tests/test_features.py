@@ -26,8 +26,17 @@ def jsonl_features(out: str) -> tuple[list[str], np.ndarray]:
 @pytest.mark.parametrize("normalize", [False, True])
 def test_stdout_jsonl_is_forward_features_pooled(run_cpu, model_path, colour_dir, pool, normalize):
     files = inputs(colour_dir)
-    rc, out, err = run_cpu("extract-features", *files, "--model", model_path, "--pool", pool, "--batch-size", "3",
-                           *(["--normalize"] if normalize else []))  # fmt: skip
+    rc, out, err = run_cpu(
+        "extract-features",
+        *files,
+        "--model",
+        model_path,
+        "--pool",
+        pool,
+        "--batch-size",
+        "3",
+        *(["--normalize"] if normalize else []),
+    )
     assert rc == 0 and err == ""
     paths, feats = jsonl_features(out)
     assert paths == [str(f) for f in files]
@@ -48,8 +57,9 @@ def test_default_pool_of_a_distilled_model_is_token(run_cpu, model_path, colour_
 def test_npy_with_paths_sidecar(run_cpu, model_path, colour_dir, tmp_path, pool):
     files = inputs(colour_dir)
     dst = tmp_path / "feats.npy"
-    rc, out, err = run_cpu("extract-features", *files, "--model", model_path, "-o", dst, "--pool", pool,
-                           "--batch-size", "4")  # fmt: skip
+    rc, out, err = run_cpu(
+        "extract-features", *files, "--model", model_path, "-o", dst, "--pool", pool, "--batch-size", "4"
+    )
     assert rc == 0 and out == "" and "wrote 7" in err
     feats = np.load(dst)
     assert feats.dtype == np.float32
@@ -64,8 +74,19 @@ def test_safetensors_with_paths_in_metadata_and_float16(run_cpu, model_path, col
 
     files = inputs(colour_dir)
     dst = tmp_path / "feats.safetensors"
-    rc, _, _ = run_cpu("extract-features", *files, "--model", model_path, "-o", dst, "--pool", "mean",
-                       "--normalize", "--out-dtype", "fp16")  # fmt: skip
+    rc, _, _ = run_cpu(
+        "extract-features",
+        *files,
+        "--model",
+        model_path,
+        "-o",
+        dst,
+        "--pool",
+        "mean",
+        "--normalize",
+        "--out-dtype",
+        "fp16",
+    )
     assert rc == 0
     with safe_open(str(dst), "np") as f:
         meta = f.metadata()
@@ -142,8 +163,9 @@ def test_no_exif_changes_the_patch_tokens(run_cpu, model_path, tmp_path):
     path = save_with_orientation(Image.fromarray(a), tmp_path / "rotated.png", 6)
     results = {}
     for exif in (True, False):
-        rc, out, _ = run_cpu("extract-features", path, "--model", model_path, "--pool", "tokens",
-                             *([] if exif else ["--no-exif"]))  # fmt: skip
+        rc, out, _ = run_cpu(
+            "extract-features", path, "--model", model_path, "--pool", "tokens", *([] if exif else ["--no-exif"])
+        )
         assert rc == 0
         results[exif] = jsonl_features(out)[1][0]
         from deit_cli.checkpoints import load_model

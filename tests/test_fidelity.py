@@ -49,8 +49,16 @@ def test_every_variant_matches_transformers(tmp_path, name):
 
 
 def small_hf_deit_config(**kw):
-    base = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-                image_size=64, patch_size=16, num_labels=7, attn_implementation="eager")  # fmt: skip
+    base = dict(
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        image_size=64,
+        patch_size=16,
+        num_labels=7,
+        attn_implementation="eager",
+    )
     base.update(kw)
     return transformers.DeiTConfig(**base)
 
@@ -132,9 +140,7 @@ def test_training_checkpoint_with_wrappers(tmp_path):
         "epoch": 3,
         "model_ema": {k: torch.zeros_like(v) for k, v in ref.state_dict().items()},
         "scaler": {"scale": 65536.0},
-        "args": argparse.Namespace(
-            model="deit_tiny_distilled_patch16_224", lr=5e-4, batch_size=128
-        ),
+        "args": argparse.Namespace(model="deit_tiny_distilled_patch16_224", lr=5e-4, batch_size=128),
     }
     torch.save(ckpt, tmp_path / "checkpoint.pth")
     model = deit_cli.load_model(str(tmp_path / "checkpoint.pth"))
@@ -147,15 +153,28 @@ def test_any_deit_shaped_config(tmp_path):
     """Not one of the eight: other width, depth, patch size, resolution and classes."""
     from timm.models.deit import VisionTransformerDistilled
 
-    ref = randomize(VisionTransformerDistilled(
-        img_size=96, patch_size=8, embed_dim=128, depth=3, num_heads=2, num_classes=10, mlp_ratio=3.0,
-    ))  # fmt: skip
+    ref = randomize(
+        VisionTransformerDistilled(
+            img_size=96,
+            patch_size=8,
+            embed_dim=128,
+            depth=3,
+            num_heads=2,
+            num_classes=10,
+            mlp_ratio=3.0,
+        )
+    )
     torch.save(ref.state_dict(), tmp_path / "custom.pth")
     model = deit_cli.load_model(str(tmp_path / "custom.pth"))
     cfg = model.config
     assert (cfg.image_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.mlp_ratio, cfg.num_classes) == (
-        96, 8, 128, 3, 3.0, 10,
-    )  # fmt: skip
+        96,
+        8,
+        128,
+        3,
+        3.0,
+        10,
+    )
     assert model.variant is None and model.labels[3] == "class_3"
     x = images(2, 96)
     with torch.no_grad():
@@ -183,9 +202,7 @@ def test_heads_and_features_match_timm(tmp_path):
         )
 
 
-@pytest.mark.parametrize(
-    "name,size", [("deit_tiny_distilled_patch16_224", 288), ("deit_small_patch16_224", 160)]
-)
+@pytest.mark.parametrize("name,size", [("deit_tiny_distilled_patch16_224", 288), ("deit_small_patch16_224", 160)])
 def test_position_embedding_resampling_matches_timm(tmp_path, name, size):
     src = timm_model(name)
     torch.save(src.state_dict(), tmp_path / "t.pth")

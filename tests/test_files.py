@@ -78,9 +78,13 @@ def test_eval_predictions(run_cpu, model_path, labelled_set, tmp_path, umask):
 
 @pytest.mark.parametrize(
     "error, why",
-    [(FileNotFoundError(2, "x"), "no such file"), (PermissionError(13, "x"), "permission denied"),
-     (IsADirectoryError(21, "x"), "is a directory"), (OSError(5, "Input/output error"), "cannot read")],
-)  # fmt: skip
+    [
+        (FileNotFoundError(2, "x"), "no such file"),
+        (PermissionError(13, "x"), "permission denied"),
+        (IsADirectoryError(21, "x"), "is a directory"),
+        (OSError(5, "Input/output error"), "cannot read"),
+    ],
+)
 def test_one_input_error_mapping(error, why):
     e = input_error("some/file", error)
     assert isinstance(e, InputNotFound) and e.exit_code == 66

@@ -45,9 +45,7 @@ def repos(tmp_path):
                 "README.md": b"readme",
             },
         ),
-        "st_v1": make_dir(
-            tmp_path, "st_v1", {"model.safetensors": b"ST-v1", "config.json": b'{"v": "v1"}'}
-        ),
+        "st_v1": make_dir(tmp_path, "st_v1", {"model.safetensors": b"ST-v1", "config.json": b'{"v": "v1"}'}),
         "bin": make_dir(tmp_path, "bin", {"pytorch_model.bin": b"BIN", "config.json": b"{}"}),
         "bare": make_dir(tmp_path, "bare", {"model.safetensors": b"ST-bare"}),
         "noweights": make_dir(tmp_path, "noweights", {"config.json": b"{}", "README.md": b"x"}),
@@ -121,9 +119,7 @@ def test_download_safetensors_and_config(fake_hub, repos):
     assert fake_hub.cache in files.weights.parents  # the isolated standard cache
     # plain HTTP: the files themselves came from /resolve (no Xet)
     gets = [r.path for r in fake_hub.requests if r.method == "GET"]
-    assert sorted(gets) == sorted(
-        f"/{REPO}/resolve/main/{f}" for f in ("model.safetensors", "config.json")
-    )
+    assert sorted(gets) == sorted(f"/{REPO}/resolve/main/{f}" for f in ("model.safetensors", "config.json"))
     assert "README.md" not in str(fake_hub.requests)
 
     # a second call is served from the cache (metadata requests only, no download)
@@ -330,11 +326,19 @@ def test_unreachable_hub_is_one_line_and_fast(tmp_path, endpoint):
     env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=endpoint)
     # The command's own time, after the interpreter and torch have started (a shared
     # 2-core machine can take seconds for those alone), written to a pipe of its own.
-    code = ("import os, sys, time, torch; from deit_cli.cli.app import main; t = time.monotonic(); "
-            "rc = main(sys.argv[2:]); os.write(int(sys.argv[1]), b'%f' % (time.monotonic() - t)); sys.exit(rc)")
+    code = (
+        "import os, sys, time, torch; from deit_cli.cli.app import main; t = time.monotonic(); "
+        "rc = main(sys.argv[2:]); os.write(int(sys.argv[1]), b'%f' % (time.monotonic() - t)); sys.exit(rc)"
+    )
     read, write = os.pipe()
-    p = subprocess.run([sys.executable, "-c", code, str(write), "classify", str(image)], capture_output=True,
-                       text=True, env=env, timeout=120, pass_fds=(write,))  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(write), "classify", str(image)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        pass_fds=(write,),
+    )
     os.close(write)
     with os.fdopen(read) as f:
         took = float(f.read())

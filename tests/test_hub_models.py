@@ -23,8 +23,10 @@ def hub_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("repos")
     x = images(1)
     out = {}
-    for repo, name, bin_only in [(TINY_D, "deit_tiny_distilled_patch16_224", False),
-                                 (TINY, "deit_tiny_patch16_224", True)]:  # fmt: skip
+    for repo, name, bin_only in [
+        (TINY_D, "deit_tiny_distilled_patch16_224", False),
+        (TINY, "deit_tiny_patch16_224", True),
+    ]:
         ref, _ = hf_reference(name)
         d = root / repo.split("/")[1]
         ref.save_pretrained(d)

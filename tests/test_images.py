@@ -61,12 +61,14 @@ def paths(items) -> list[str]:
 def torchvision_reference(pre: Preprocessing):
     from torchvision import transforms as T
 
-    return T.Compose([
-        T.Resize(pre.resize_size, interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(pre.image_size),
-        T.ToTensor(),
-        T.Normalize(pre.mean, pre.std),
-    ])  # fmt: skip
+    return T.Compose(
+        [
+            T.Resize(pre.resize_size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(pre.image_size),
+            T.ToTensor(),
+            T.Normalize(pre.mean, pre.std),
+        ]
+    )
 
 
 @pytest.mark.parametrize("pre", [P224, P384], ids=["224", "384"])
@@ -93,9 +95,11 @@ def test_squash_mode_is_transformers_deit_image_processor(w, h):
 
     # transformers 5 ships two DeiT processors; the PIL one resamples exactly as PIL does.
     processor = DeiTImageProcessorPil(
-        size={"height": 256, "width": 256}, crop_size={"height": 224, "width": 224},
-        image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
-    )  # fmt: skip
+        size={"height": 256, "width": 256},
+        crop_size={"height": 224, "width": 224},
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+    )
     img = noise(w, h, seed=7)
     ref = torch.as_tensor(processor(images=img, return_tensors="np")["pixel_values"][0])
     ours = eval_transform(P224, resize_mode="squash")(img)
@@ -110,9 +114,11 @@ def test_squash_mode_is_close_to_transformers_default_processor():
     # The default processor (torchvision tensor backend) resamples in float, so it is
     # within a level or two of PIL on a photo-like image, not bit-identical.
     processor = DeiTImageProcessor(
-        size={"height": 256, "width": 256}, crop_size={"height": 224, "width": 224},
-        image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
-    )  # fmt: skip
+        size={"height": 256, "width": 256},
+        crop_size={"height": 224, "width": 224},
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+    )
     img = smooth(500, 375)
     ref = processor(images=img, return_tensors="pt")["pixel_values"][0]
     ours = eval_transform(P224, resize_mode="squash")(img)
@@ -140,8 +146,7 @@ def test_transform_rejects_bad_settings():
 def test_exif_orientation_gives_the_pre_rotated_image(tmp_path, orientation):
     raw = np.asarray(noise(40, 30, seed=orientation))  # not square, so 5-8 swap the sides
     stored = save_with_orientation(Image.fromarray(raw), tmp_path / "o.png", orientation)
-    upright = save(Image.fromarray(np.ascontiguousarray(orient(raw, orientation))),
-                   tmp_path / "upright.png")  # fmt: skip
+    upright = save(Image.fromarray(np.ascontiguousarray(orient(raw, orientation))), tmp_path / "upright.png")
 
     assert np.array_equal(pixels(stored), orient(raw, orientation))
     tf = eval_transform(P224)
@@ -164,8 +169,9 @@ def test_missing_file_names_the_path(tmp_path):
     assert ImageNotFound.exit_code == 66 and ImageError.exit_code == 65
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
-                    reason="running as root: chmod 000 does not stop root reading")  # fmt: skip
+@pytest.mark.skipif(
+    hasattr(os, "geteuid") and os.geteuid() == 0, reason="running as root: chmod 000 does not stop root reading"
+)
 def test_unreadable_file_names_the_path(tmp_path):
     p = save(smooth(8, 8), tmp_path / "secret.png")
     p.chmod(0)
@@ -207,9 +213,7 @@ def pillow_must_not_open(monkeypatch):
     ],
     ids=["zero-byte", "text", "pdf", "psd", "garbage"],
 )
-def test_non_images_are_refused_before_pillow_parses_them(
-    tmp_path, pillow_must_not_open, data, message
-):
+def test_non_images_are_refused_before_pillow_parses_them(tmp_path, pillow_must_not_open, data, message):
     p = tmp_path / "photo.jpg"
     p.write_bytes(data)
     with pytest.raises(ImageError, match=message) as info:
@@ -311,8 +315,14 @@ def test_animation_gives_first_frame_with_a_note(tmp_path, ext):
         pytest.skip("Pillow built without WebP")
     frames = [Image.new("RGB", (16, 16), c) for c in ((200, 0, 0), (0, 200, 0), (0, 0, 200))]
     p = tmp_path / f"anim.{ext}"
-    frames[0].save(p, save_all=True, append_images=frames[1:], duration=100, loop=0,
-                   **({"lossless": True} if ext == "webp" else {}))  # fmt: skip
+    frames[0].save(
+        p,
+        save_all=True,
+        append_images=frames[1:],
+        duration=100,
+        loop=0,
+        **({"lossless": True} if ext == "webp" else {}),
+    )
     decoded = decode_image(p)
     assert decoded.notes == ["first frame of 3"]
     r, g, b = np.asarray(decoded.image)[8, 8]
@@ -321,8 +331,9 @@ def test_animation_gives_first_frame_with_a_note(tmp_path, ext):
 
 def test_every_allowed_format_decodes(tmp_path):
     img = smooth(20, 10)
-    for fmt, ext in [("JPEG", "jpg"), ("PNG", "png"), ("BMP", "bmp"), ("TIFF", "tif"),
-                     ("GIF", "gif")] + ([("WEBP", "webp")] if features.check("webp") else []):
+    for fmt, ext in [("JPEG", "jpg"), ("PNG", "png"), ("BMP", "bmp"), ("TIFF", "tif"), ("GIF", "gif")] + (
+        [("WEBP", "webp")] if features.check("webp") else []
+    ):
         decoded = decode_image(save(img, tmp_path / f"x.{ext}", format=fmt))
         assert decoded.format == fmt and decoded.image.mode == "RGB"
         assert decoded.image.size == (20, 10)
@@ -368,8 +379,7 @@ def test_stdin_paths_stream_before_eof(tmp_path):
             writer.flush()  # the writer stays open, like a `find` still running
             got = []
             thread = threading.Thread(
-                target=lambda: got.append(next(iter_inputs(["-"], stdin=reader,
-                                                           null_separated=null_separated))),
+                target=lambda: got.append(next(iter_inputs(["-"], stdin=reader, null_separated=null_separated))),
                 daemon=True,
             )
             thread.start()
@@ -379,8 +389,18 @@ def test_stdin_paths_stream_before_eof(tmp_path):
 
 def test_directory_recursion_order_and_filtering(tmp_path):
     root = tmp_path / "photos"
-    for rel in ["b.png", "a.JPG", "sub/z.webp", "sub/deeper/y.TIFF", "c.jpeg", "notes.txt",
-                ".hidden.png", "._a.JPG", "sub/.git/x.png", "aa/x.gif"]:
+    for rel in [
+        "b.png",
+        "a.JPG",
+        "sub/z.webp",
+        "sub/deeper/y.TIFF",
+        "c.jpeg",
+        "notes.txt",
+        ".hidden.png",
+        "._a.JPG",
+        "sub/.git/x.png",
+        "aa/x.gif",
+    ]:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(b"")
     got = [os.path.relpath(p, root) for p in paths(iter_inputs([str(root)]))]
@@ -450,8 +470,18 @@ def make_mixed(tmp_path) -> list[InputItem]:
     (tmp_path / "text.jpg").write_text("not an image")
     (tmp_path / "doc.jpg").write_bytes(PDF_BYTES)
     truncated_jpeg(tmp_path / "cut.jpg")
-    specs = [good[0], tmp_path / "missing.jpg", good[1], tmp_path / "zero.jpg", good[2],
-             tmp_path / "text.jpg", tmp_path / "doc.jpg", good[3], tmp_path / "cut.jpg", good[4]]
+    specs = [
+        good[0],
+        tmp_path / "missing.jpg",
+        good[1],
+        tmp_path / "zero.jpg",
+        good[2],
+        tmp_path / "text.jpg",
+        tmp_path / "doc.jpg",
+        good[3],
+        tmp_path / "cut.jpg",
+        good[4],
+    ]
     return list(iter_inputs([str(s) for s in specs]))
 
 
@@ -469,8 +499,7 @@ def test_batches_keep_input_order_with_failures_interleaved(tmp_path, workers):
     ok = [err is None for _, _, _, err, _ in records]
     assert ok == [True, False, True, False, True, False, False, True, False, True]
     errors = [err for *_, err, _ in records if err]
-    for err, expected in zip(errors, ["no such file", "empty file", "looks like text",
-                                      "(PDF)", "truncated JPEG"]):  # fmt: skip
+    for err, expected in zip(errors, ["no such file", "empty file", "looks like text", "(PDF)", "truncated JPEG"]):
         assert expected in err
 
     rows = {pos: batches[pos // 3].tensor[row] for pos, _, row, err, _ in records if not err}
@@ -482,8 +511,7 @@ def test_batches_keep_input_order_with_failures_interleaved(tmp_path, workers):
 
 def test_allow_truncated_in_batches(tmp_path):
     items = make_mixed(tmp_path)
-    batches = list(iter_batches(items, eval_transform(P224), 10, workers=2,
-                                allow_truncated=True))  # fmt: skip
+    batches = list(iter_batches(items, eval_transform(P224), 10, workers=2, allow_truncated=True))
     assert len(batches[0].items) == 6  # the cut JPEG now decodes
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 

@@ -69,8 +69,7 @@ def test_classify_reports_the_labels_over_the_threshold(run_cpu, multi_path, col
 def test_classify_table_and_csv_show_an_empty_result(run_cpu, multi_path, colour_dir):
     rc, out, _ = run_cpu("classify", colour_dir / "red.png", "-m", multi_path, "--threshold", "1", "--format", "csv")
     assert rc == 0 and out.splitlines()[1].startswith(str(colour_dir / "red.png"))
-    rc, out, _ = run_cpu("classify", colour_dir / "red.png", "-m", multi_path, "--threshold", "1", "--format",
-                         "table")  # fmt: skip
+    rc, out, _ = run_cpu("classify", colour_dir / "red.png", "-m", multi_path, "--threshold", "1", "--format", "table")
     assert rc == 0 and "no label at or above the threshold" in " ".join(out.split())
 
 
@@ -121,8 +120,11 @@ def test_metrics_against_a_hand_computed_case():
     assert d["f1_macro"] == pytest.approx((2 / 4 + 2 / 3 + 0) / 3)
     assert d["iou_macro"] == pytest.approx((1 / 3 + 1 / 2 + 0) / 3)
     assert d["images"] == 4 and d["failed"] == 1 and d["threshold"] == 0.5
-    assert [(r["label"], r["positives"], r["predicted"]) for r in d["per_class"]] == [("a", 2, 2), ("b", 1, 2),
-                                                                                      ("c", 0, 1)]  # fmt: skip
+    assert [(r["label"], r["positives"], r["predicted"]) for r in d["per_class"]] == [
+        ("a", 2, 2),
+        ("b", 1, 2),
+        ("c", 0, 1),
+    ]
     assert d["per_class"][2]["ap"] is None
 
 
@@ -156,8 +158,9 @@ def multi_set(tmp_path, colour_dir) -> Path:
 
 
 def test_eval_reports_what_classify_predicts(run_cpu, multi_path, multi_set, tmp_path):
-    rc, out, err = run_cpu("eval", multi_set, "-m", multi_path, "--json", "--per-class",
-                           "--predictions", tmp_path / "p.jsonl")  # fmt: skip
+    rc, out, err = run_cpu(
+        "eval", multi_set, "-m", multi_path, "--json", "--per-class", "--predictions", tmp_path / "p.jsonl"
+    )
     assert rc == 0, err
     s = json.loads(out)
     assert s["multi_label"] is True and s["threshold"] == 0.3 and s["images"] == 7
@@ -222,8 +225,10 @@ def test_serve_answers_the_labels_over_the_threshold(run_cpu, multi_path, colour
             for answer, scores in zip(r.json(), want):
                 assert [a["label"] for a in answer] == [LABELS[i] for i in over(scores, t)]
                 np.testing.assert_allclose([a["score"] for a in answer], scores[over(scores, t)], atol=1e-5)
-        r = client.post("/v2/models/deit/infer", json={"inputs": [{"name": "image", "shape": [len(images)],
-                                                                   "datatype": "BYTES", "data": images}]})  # fmt: skip
+        r = client.post(
+            "/v2/models/deit/infer",
+            json={"inputs": [{"name": "image", "shape": [len(images)], "datatype": "BYTES", "data": images}]},
+        )
         assert r.status_code == 200, r.text
         outputs = {o["name"]: o for o in r.json()["outputs"]}
         np.testing.assert_allclose(np.reshape(outputs["probabilities"]["data"], want.shape), want, atol=1e-5)

@@ -24,8 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def deit(*args, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
     """`python -m deit_cli ARGS...` in a subprocess (stdout and stderr are pipes)."""
-    return subprocess.run([sys.executable, "-m", "deit_cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=120, **kw)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "deit_cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+        **kw,
+    )
 
 
 # --------------------------------------------------------------------------- engine
@@ -97,10 +103,15 @@ def many_dir(tmp_path_factory, colour_dir) -> Path:
 
 @pytest.mark.parametrize("command", [["classify", "--format", "jsonl"], ["extract-features"]])
 def test_head_1_ends_cleanly(model_path, many_dir, command):
-    deit_cmd = " ".join([sys.executable, "-m", "deit_cli", *command, str(many_dir), "--model", str(model_path),
-                         "--batch-size", "2"])  # fmt: skip
-    p = subprocess.run(["bash", "-c", f"{deit_cmd} | head -1; echo \"status=${{PIPESTATUS[0]}}\" >&2"],
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    deit_cmd = " ".join(
+        [sys.executable, "-m", "deit_cli", *command, str(many_dir), "--model", str(model_path), "--batch-size", "2"]
+    )
+    p = subprocess.run(
+        ["bash", "-c", f'{deit_cmd} | head -1; echo "status=${{PIPESTATUS[0]}}" >&2'],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert len(p.stdout.splitlines()) == 1
     assert p.stderr.strip() == "status=0", p.stderr  # no traceback, no "Exception ignored"
 
@@ -116,8 +127,12 @@ def _run_with_ptys(args: list[str], *, stdout_tty: bool, stderr_tty: bool, env: 
             streams[name] = slave
         else:
             streams[name] = subprocess.PIPE
-    proc = subprocess.Popen([sys.executable, "-m", "deit_cli", *args], stdout=streams["stdout"],
-                            stderr=streams["stderr"], env={**os.environ, "COLUMNS": "120", **env})  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deit_cli", *args],
+        stdout=streams["stdout"],
+        stderr=streams["stderr"],
+        env={**os.environ, "COLUMNS": "120", **env},
+    )
     for name in fds:
         os.close(streams[name])
     got = {"stdout": b"", "stderr": b""}
@@ -155,8 +170,12 @@ def test_no_ansi_off_a_terminal(run_cpu, model_path, colour_dir):
 
 def test_terminal_gets_a_table_and_no_color_means_no_ansi(model_path, colour_dir):
     files = colour_files(colour_dir)[:2]
-    out, _, rc = _run_with_ptys(["classify", *map(str, files), "--model", str(model_path)], stdout_tty=True,
-                                stderr_tty=False, env={"NO_COLOR": "1"})  # fmt: skip
+    out, _, rc = _run_with_ptys(
+        ["classify", *map(str, files), "--model", str(model_path)],
+        stdout_tty=True,
+        stderr_tty=False,
+        env={"NO_COLOR": "1"},
+    )
     text = out.decode()
     assert rc == 0 and "\x1b" not in text
     assert "probability" in text and "red" in text and "green" in text and "█" in text
@@ -164,8 +183,12 @@ def test_terminal_gets_a_table_and_no_color_means_no_ansi(model_path, colour_dir
 
 def test_progress_goes_to_stderr_and_leaves_stdout_clean(model_path, many_dir):
     # stderr a terminal, stdout a pipe: the bar is drawn on stderr, stdout stays pure JSON lines
-    out, err, rc = _run_with_ptys(["classify", str(many_dir), "--model", str(model_path), "--batch-size", "8"],
-                                  stdout_tty=False, stderr_tty=True, env={"TERM": "xterm"})  # fmt: skip
+    out, err, rc = _run_with_ptys(
+        ["classify", str(many_dir), "--model", str(model_path), "--batch-size", "8"],
+        stdout_tty=False,
+        stderr_tty=True,
+        env={"TERM": "xterm"},
+    )
     assert rc == 0
     lines = out.decode().splitlines()
     assert len(lines) == len(list(many_dir.iterdir()))
@@ -183,8 +206,9 @@ def test_cuda_gives_the_cpu_answers(run_cpu, model_path, colour_dir, dtype, tol)
     for rec, probs in zip(recs, expected_scores(model_path, files)):
         assert rec["predictions"][0]["index"] == int(probs.argmax())
         assert rec["predictions"][0]["score"] == pytest.approx(float(probs.max()), abs=tol)
-    rc, out, _ = run_cpu("extract-features", *files, "--model", model_path, "--device", "cuda", "--dtype", dtype,
-                         "--pool", "mean")  # fmt: skip
+    rc, out, _ = run_cpu(
+        "extract-features", *files, "--model", model_path, "--device", "cuda", "--dtype", dtype, "--pool", "mean"
+    )
     assert rc == 0
     feats = np.array([json.loads(line)["features"] for line in out.splitlines()])
     np.testing.assert_allclose(feats, expected_features(model_path, files, "mean"), atol=tol * 10, rtol=tol)

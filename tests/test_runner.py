@@ -91,8 +91,9 @@ def _low_precision_report(dtype: str, model: DeiT, x: torch.Tensor, **kw):
     ref = heads["avg"]
     diff = max_diff(out, ref)
     agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    print(f"\n{dtype} {runner.path}: max |logit diff| {diff:.4f} (logit std {ref.std():.2f}), "
-          f"top-1 agreement {agree:.0%}")
+    print(
+        f"\n{dtype} {runner.path}: max |logit diff| {diff:.4f} (logit std {ref.std():.2f}), top-1 agreement {agree:.0%}"
+    )
     return out, ref, diff, agree
 
 

@@ -266,8 +266,13 @@ def test_score_default_top_5_and_split_form(client, colour_dir):
 
 def test_v2_infer_and_metadata(client, model_path, colour_dir):
     files = colour_files(colour_dir)
-    body = {"id": "r1", "inputs": [{"name": "image", "shape": [len(files)], "datatype": "BYTES",
-                                    "data": [b64(f.read_bytes()) for f in files]}], "parameters": {"top_k": 2}}  # fmt: skip
+    body = {
+        "id": "r1",
+        "inputs": [
+            {"name": "image", "shape": [len(files)], "datatype": "BYTES", "data": [b64(f.read_bytes()) for f in files]}
+        ],
+        "parameters": {"top_k": 2},
+    }
     r = client.post("/v2/models/deit/infer", json=body)
     assert r.status_code == 200, r.text
     out = {o["name"]: o for o in r.json()["outputs"]}
@@ -292,8 +297,10 @@ def test_embed_equals_extract_features(client, model_path, colour_dir):
 
     files = colour_files(colour_dir)[:3]
     for pool, norm in (("token", False), ("avg", True)):
-        r = client.post("/embed", json={"input_data": [b64(f.read_bytes()) for f in files],
-                                        "params": {"pool": pool, "normalize": norm}})  # fmt: skip
+        r = client.post(
+            "/embed",
+            json={"input_data": [b64(f.read_bytes()) for f in files], "params": {"pool": pool, "normalize": norm}},
+        )
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(np.array(r.json()), expected_features(model_path, files, pool, norm), atol=1e-5)
     assert client.post("/embed", json={"input_data": [b64(png())], "params": {"pool": "nope"}}).status_code == 400
@@ -363,8 +370,11 @@ def _bad_bodies() -> dict:
         "20000 x 20000 PNG": (json.dumps({"input_data": [b64(bomb)]}).encode(), 422, "bad_image"),
         "top_k 0": (json.dumps({"input_data": [b64(png())], "params": {"top_k": 0}}).encode(), 400, "bad_request"),
         "top_k -1": (json.dumps({"input_data": [b64(png())], "params": {"top_k": -1}}).encode(), 400, "bad_request"),
-        "top_k string": (json.dumps({"input_data": [b64(png())], "params": {"top_k": "3"}}).encode(), 400,
-                         "bad_request"),  # fmt: skip
+        "top_k string": (
+            json.dumps({"input_data": [b64(png())], "params": {"top_k": "3"}}).encode(),
+            400,
+            "bad_request",
+        ),
         "params a list": (json.dumps({"input_data": [b64(png())], "params": [1]}).encode(), 400, "bad_request"),
         "URL with URLs off": (json.dumps({"input_data": ["http://example.com/cat.jpg"]}).encode(), 400, "url_refused"),
         "file URL": (json.dumps({"input_data": ["file:///etc/passwd"]}).encode(), 400, "url_refused"),
@@ -431,8 +441,13 @@ def test_metrics_count_requests_and_batches(client):
     assert re.search(r'deit_requests_total\{route="/score",status="400"\} 1\.0', text)
     assert re.search(r'deit_batch_size_bucket\{le="4\.0"\} 1\.0', text)
     assert re.search(r"deit_images_total\{route=\"classify\"\} 3\.0", text)
-    for name in ("deit_queue_depth", "deit_queue_seconds", "deit_inference_seconds", "deit_request_seconds",
-                 "deit_ready"):  # fmt: skip
+    for name in (
+        "deit_queue_depth",
+        "deit_queue_seconds",
+        "deit_inference_seconds",
+        "deit_request_seconds",
+        "deit_ready",
+    ):
         assert f"# HELP {name}" in text
 
 
@@ -504,7 +519,7 @@ class _ImageHandler(http.server.BaseHTTPRequestHandler):
             self._send(200, self.image)
         elif self.path.startswith("/redirect/"):
             self.send_response(302)
-            self.send_header("Location", self.path[len("/redirect/"):].replace("PORT", str(port)))
+            self.send_header("Location", self.path[len("/redirect/") :].replace("PORT", str(port)))
             self.send_header("Content-Length", "0")
             self.end_headers()
         elif self.path == "/slow":
@@ -587,10 +602,18 @@ def test_urls_to_inside_addresses_are_refused_without_a_connection(served):
     from deit_cli.serve.urls import UrlPolicy
 
     with listener() as (port, seen):
-        urls = [f"http://127.0.0.1:{port}/a.png", f"http://[::1]:{port}/a.png", f"http://2130706433:{port}/",
-                f"http://0x7f000001:{port}/", f"http://localhost:{port}/", "http://169.254.169.254/latest/meta-data/",
-                f"http://[::ffff:127.0.0.1]:{port}/", f"ftp://127.0.0.1:{port}/", "file:///etc/passwd",
-                f"http://user:pw@127.0.0.1:{port}/"]  # fmt: skip
+        urls = [
+            f"http://127.0.0.1:{port}/a.png",
+            f"http://[::1]:{port}/a.png",
+            f"http://2130706433:{port}/",
+            f"http://0x7f000001:{port}/",
+            f"http://localhost:{port}/",
+            "http://169.254.169.254/latest/meta-data/",
+            f"http://[::ffff:127.0.0.1]:{port}/",
+            f"ftp://127.0.0.1:{port}/",
+            "file:///etc/passwd",
+            f"http://user:pw@127.0.0.1:{port}/",
+        ]
         with client_for(served) as off:
             for u in urls:
                 r = off.post("/score", json={"input_data": [u]})
@@ -600,7 +623,9 @@ def test_urls_to_inside_addresses_are_refused_without_a_connection(served):
             for u in urls:
                 r = on.post("/score", json={"input_data": [u]})
                 assert r.status_code == 400 and r.json()["error_type"] == "url_refused", (u, r.text)
-                assert "address" in r.json()["error"] or "URL" in r.json()["error"] or "credentials" in r.json()["error"]
+                assert (
+                    "address" in r.json()["error"] or "URL" in r.json()["error"] or "credentials" in r.json()["error"]
+                )
         time.sleep(0.3)
         assert seen == []  # nothing ever connected
 
@@ -640,11 +665,18 @@ def test_each_redirect_hop_is_resolved_and_checked():
     from deit_cli.serve.urls import UrlPolicy, UrlRefused, fetch_url
 
     with image_server() as port:
-        resolved = {"images.example": ["127.0.0.1"], "evil.example": ["10.0.0.7"], "loop.example": ["127.0.0.2"],
-                    "both.example": ["93.184.215.14", "::1"]}  # fmt: skip
-        policy = UrlPolicy(frozenset(resolved),
-                           (__import__("ipaddress").ip_network("127.0.0.1/32"),), timeout=2.0,
-                           resolve=lambda host, port: resolved[host])  # fmt: skip
+        resolved = {
+            "images.example": ["127.0.0.1"],
+            "evil.example": ["10.0.0.7"],
+            "loop.example": ["127.0.0.2"],
+            "both.example": ["93.184.215.14", "::1"],
+        }
+        policy = UrlPolicy(
+            frozenset(resolved),
+            (__import__("ipaddress").ip_network("127.0.0.1/32"),),
+            timeout=2.0,
+            resolve=lambda host, port: resolved[host],
+        )
         assert fetch_url(f"http://images.example:{port}/img.png", policy) == _ImageHandler.image
         with pytest.raises(UrlRefused, match="private address 10.0.0.7"):
             fetch_url(f"http://images.example:{port}/redirect/http://evil.example:PORT/img.png", policy)
@@ -654,8 +686,12 @@ def test_each_redirect_hop_is_resolved_and_checked():
             fetch_url(f"http://both.example:{port}/img.png", policy)
         with pytest.raises(ImageError, match="HTTP 404"):
             fetch_url(f"http://images.example:{port}/missing", policy)
-        assert _ImageHandler.hits == ["/img.png", "/redirect/http://evil.example:PORT/img.png",
-                                      "/redirect/http://loop.example:PORT/img.png", "/missing"]  # fmt: skip
+        assert _ImageHandler.hits == [
+            "/img.png",
+            "/redirect/http://evil.example:PORT/img.png",
+            "/redirect/http://loop.example:PORT/img.png",
+            "/missing",
+        ]
 
 
 # --------------------------------------------------------------------------- the command
@@ -682,9 +718,14 @@ def test_without_the_extra_says_how_to_install_it(run_cli, monkeypatch):
 
 def _start_server(model_path, *args) -> tuple[subprocess.Popen, int, list[str]]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DEIT_API_KEY": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "deit_cli", "serve", "-m", str(model_path), "--device", "cpu",
-                             "--port", "0", *args], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env=env, cwd=ROOT)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deit_cli", "serve", "-m", str(model_path), "--device", "cpu", "--port", "0", *args],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     lines: list[str] = []
     found = threading.Event()
 
@@ -704,8 +745,9 @@ def _start_server(model_path, *args) -> tuple[subprocess.Popen, int, list[str]]:
 
 
 def _post(port: int, path: str, body: dict, timeout: float = 30) -> tuple[int, dict, object]:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, dict(resp.headers), json.loads(resp.read())
@@ -749,8 +791,13 @@ def test_real_server_batches_concurrent_clients_and_drains_on_sigterm(model_path
         # Over real HTTP: a body past the limit, chunked or announced; not JSON; still healthy.
         big = json.dumps({"input_data": [b64(os.urandom(600 * 1024))]}).encode()
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        conn.request("POST", "/score", body=iter([big[i : i + 65536] for i in range(0, len(big), 65536)]),
-                     encode_chunked=True, headers={"Content-Type": "application/json"})  # fmt: skip
+        conn.request(
+            "POST",
+            "/score",
+            body=iter([big[i : i + 65536] for i in range(0, len(big), 65536)]),
+            encode_chunked=True,
+            headers={"Content-Type": "application/json"},
+        )
         r = conn.getresponse()
         assert r.status == 413 and json.loads(r.read())["error_type"] == "body_too_large"
         conn.close()
@@ -782,10 +829,18 @@ def test_real_server_batches_concurrent_clients_and_drains_on_sigterm(model_path
 
 
 def test_serve_help_imports_neither_torch_nor_the_server():
-    probe = ("import sys; from deit_cli.cli.app import main; rc = main(['serve', '--help']); "
-             "print(sorted(m for m in ('torch', 'uvicorn', 'starlette', 'prometheus_client') if m in sys.modules), "
-             "file=sys.stderr); sys.exit(rc)")  # fmt: skip
-    p = subprocess.run([sys.executable, "-c", probe], check=False, capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    probe = (
+        "import sys; from deit_cli.cli.app import main; rc = main(['serve', '--help']); "
+        "print(sorted(m for m in ('torch', 'uvicorn', 'starlette', 'prometheus_client') if m in sys.modules), "
+        "file=sys.stderr); sys.exit(rc)"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", probe],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert p.returncode == 0 and "--max-batch-size" in p.stdout
     assert p.stderr.strip().endswith("[]"), p.stderr

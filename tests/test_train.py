@@ -112,15 +112,22 @@ def timm_reference_step(student: Path, teacher: Path | None, data: Path, kind: s
             dist = F.cross_entropy(dist_logits, z_t.argmax(1))
         else:
             tau = 1.0
-            dist = F.kl_div(F.log_softmax(dist_logits / tau, 1), F.log_softmax(z_t / tau, 1), reduction="sum",
-                            log_target=True) * tau * tau / dist_logits.numel()  # fmt: skip
+            dist = (
+                F.kl_div(
+                    F.log_softmax(dist_logits / tau, 1), F.log_softmax(z_t / tau, 1), reduction="sum", log_target=True
+                )
+                * tau
+                * tau
+                / dist_logits.numel()
+            )
         loss = 0.5 * base + 0.5 * dist
     no_decay = ("cls_token", "dist_token", "pos_embed")
     params = dict(ref.named_parameters())
     decay = [p for n, p in params.items() if p.ndim >= 2 and n not in no_decay]
     other = [p for n, p in params.items() if not (p.ndim >= 2 and n not in no_decay)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": other, "weight_decay": 0.0}], lr=lr,
-                            eps=1e-8)  # fmt: skip
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": wd}, {"params": other, "weight_decay": 0.0}], lr=lr, eps=1e-8
+    )
     loss.backward()
     opt.step()
     return {k: v.detach() for k, v in ref.state_dict().items()}
@@ -133,9 +140,28 @@ def test_one_step_equals_the_timm_reference(tmp_path, run_cpu, kind):
     teacher = tiny_model(tmp_path / "teacher.safetensors", distilled=False, seed=2)
     lr, wd = 1e-3, 0.05
     extra = [] if kind == "none" else ["--teacher", teacher, "--distillation", kind]
-    rc, _, err = run_cpu("train", data, "-o", tmp_path / "run", "-m", student, "--recipe", "plain", "--epochs", "1",
-                         "--batch-size", "12", "--lr", lr, "--weight-decay", wd, "--warmup-epochs", "0", "-q",
-                         *extra)  # fmt: skip
+    rc, _, err = run_cpu(
+        "train",
+        data,
+        "-o",
+        tmp_path / "run",
+        "-m",
+        student,
+        "--recipe",
+        "plain",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "12",
+        "--lr",
+        lr,
+        "--weight-decay",
+        wd,
+        "--warmup-epochs",
+        "0",
+        "-q",
+        *extra,
+    )
     assert rc == 0, err
     ours = load_weights(tmp_path / "run" / "model.safetensors")
     ref = timm_reference_step(student, teacher, data, kind, lr, wd)
@@ -158,9 +184,31 @@ def learned(tmp_path_factory):
     data = make_set(tmp / "data", 32, 8)
     cfg = config_file(tmp / "cfg.json")
     t0 = time.perf_counter()
-    rc = main(["train", str(data), "-o", str(tmp / "run"), "--config", str(cfg), "--recipe", "plain", "--epochs", "15",
-               "--batch-size", "16", "--lr", "5e-3", "--warmup-epochs", "1", "--device", "cpu", "--seed", "3",
-               "--json"])  # fmt: skip
+    rc = main(
+        [
+            "train",
+            str(data),
+            "-o",
+            str(tmp / "run"),
+            "--config",
+            str(cfg),
+            "--recipe",
+            "plain",
+            "--epochs",
+            "15",
+            "--batch-size",
+            "16",
+            "--lr",
+            "5e-3",
+            "--warmup-epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--seed",
+            "3",
+            "--json",
+        ]
+    )
     return rc, tmp, time.perf_counter() - t0
 
 
@@ -187,7 +235,9 @@ def test_the_trained_model_loads_and_classifies(learned, run_cpu):
     assert rc == 0, err
     assert json.loads(out.splitlines()[0])["predictions"][0]["label"] == "vertical"
     # `deit eval` on the validation folders agrees with the run's own validation
-    rc, out, err = run_cpu("eval", tmp / "data" / "val", "-m", tmp / "run" / "model.safetensors", "--topk", "1", "--json")
+    rc, out, err = run_cpu(
+        "eval", tmp / "data" / "val", "-m", tmp / "run" / "model.safetensors", "--topk", "1", "--json"
+    )
     assert rc == 0, err
     assert json.loads(out)["top1"] == pytest.approx(records(tmp / "run")[-1]["val_top1"])
     # the run's summary travels with the weights; best.safetensors loads too
@@ -207,9 +257,24 @@ def test_the_augmented_recipe_runs_with_every_part_on(tmp_path, run_cpu):
     data = make_set(tmp_path / "data", 6, 2)
     cfg = config_file(tmp_path / "cfg.json", distilled=True)
     teacher = tiny_model(tmp_path / "teacher.safetensors", distilled=False, seed=2)
-    rc, out, err = run_cpu("train", data, "-o", tmp_path / "run", "--config", cfg, "--epochs", "2", "--batch-size", "6",
-                           "--teacher", teacher, "--model-ema", "--json",
-                           "--grad-accum", "2")  # fmt: skip
+    rc, out, err = run_cpu(
+        "train",
+        data,
+        "-o",
+        tmp_path / "run",
+        "--config",
+        cfg,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "6",
+        "--teacher",
+        teacher,
+        "--model-ema",
+        "--json",
+        "--grad-accum",
+        "2",
+    )
     assert rc == 0, err
     summary = json.loads(out)
     assert summary["recipe"] == "scratch" and summary["distillation"] == "hard"
@@ -225,14 +290,28 @@ def test_the_augmented_recipe_runs_with_every_part_on(tmp_path, run_cpu):
 def test_csv_jsonl_and_a_validation_split(tmp_path, run_cpu):
     data = make_set(tmp_path / "data", 5)
     files = sorted((data / "train").rglob("*.png"))
-    (tmp_path / "list.csv").write_text("path,label\n" + "".join(f"data/train/{f.parent.name}/{f.name},{f.parent.name}\n"
-                                                               for f in files))  # fmt: skip
-    (tmp_path / "list.jsonl").write_text("".join(json.dumps({"image_url": str(f), "label": f.parent.name}) + "\n"
-                                                 for f in files))  # fmt: skip
+    (tmp_path / "list.csv").write_text(
+        "path,label\n" + "".join(f"data/train/{f.parent.name}/{f.name},{f.parent.name}\n" for f in files)
+    )
+    (tmp_path / "list.jsonl").write_text(
+        "".join(json.dumps({"image_url": str(f), "label": f.parent.name}) + "\n" for f in files)
+    )
     for i, src in enumerate(("list.csv", "list.jsonl")):
-        rc, out, err = run_cpu("train", tmp_path / src, "-o", tmp_path / f"run{i}", "--config",
-                               config_file(tmp_path / "cfg.json"), "--recipe", "plain", "--epochs", "1",
-                               "--val-split", "0.2", "--json")  # fmt: skip
+        rc, out, err = run_cpu(
+            "train",
+            tmp_path / src,
+            "-o",
+            tmp_path / f"run{i}",
+            "--config",
+            config_file(tmp_path / "cfg.json"),
+            "--recipe",
+            "plain",
+            "--epochs",
+            "1",
+            "--val-split",
+            "0.2",
+            "--json",
+        )
         assert rc == 0, err
         s = json.loads(out)
         assert s["classes"] == sorted(CLASSES)
@@ -243,8 +322,24 @@ def test_csv_jsonl_and_a_validation_split(tmp_path, run_cpu):
 
 
 def _train_args(data: Path, run: Path, cfg: Path) -> list[str]:
-    return ["train", str(data), "-o", str(run), "--config", str(cfg), "--recipe", "plain", "--epochs", "3",
-            "--batch-size", "4", "--lr", "1e-3", "--device", "cpu"]  # fmt: skip
+    return [
+        "train",
+        str(data),
+        "-o",
+        str(run),
+        "--config",
+        str(cfg),
+        "--recipe",
+        "plain",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--device",
+        "cpu",
+    ]
 
 
 def test_resume_after_a_real_ctrl_c_is_bit_identical(tmp_path, run_cli):
@@ -254,8 +349,12 @@ def test_resume_after_a_real_ctrl_c_is_bit_identical(tmp_path, run_cli):
     assert rc == 0, err
 
     env = subprocess_env()
-    proc = subprocess.Popen([sys.executable, "-m", "deit_cli", *_train_args(data, tmp_path / "cut", cfg),
-                             "--workers", "2"], stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deit_cli", *_train_args(data, tmp_path / "cut", cfg), "--workers", "2"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # wait for epoch 1 to end, then interrupt epoch 2
@@ -277,11 +376,16 @@ def test_resume_after_a_real_ctrl_c_is_bit_identical(tmp_path, run_cli):
 
     rc, _, err = run_cli(*_train_args(data, tmp_path / "cut", cfg), "-q", "--resume")
     assert rc == 0, err
-    whole, cut = load_weights(tmp_path / "whole" / "model.safetensors"), load_weights(tmp_path / "cut" / "model.safetensors")
+    whole, cut = (
+        load_weights(tmp_path / "whole" / "model.safetensors"),
+        load_weights(tmp_path / "cut" / "model.safetensors"),
+    )
     assert set(whole) == set(cut)
     for k in whole:
         assert torch.equal(whole[k], cut[k]), k
-    assert [r["train_loss"] for r in records(tmp_path / "cut")] == [r["train_loss"] for r in records(tmp_path / "whole")]
+    assert [r["train_loss"] for r in records(tmp_path / "cut")] == [
+        r["train_loss"] for r in records(tmp_path / "whole")
+    ]
 
 
 # --------------------------------------------------------------------------- torchrun
@@ -290,13 +394,31 @@ def test_resume_after_a_real_ctrl_c_is_bit_identical(tmp_path, run_cli):
 def test_torchrun_two_processes_train_the_same_model(tmp_path, run_cli):
     data = make_set(tmp_path / "data", 6)
     cfg = config_file(tmp_path / "cfg.json")
-    args = ["train", data, "--config", cfg, "--recipe", "plain", "--epochs", "2", "--batch-size", "6", "--lr", "1e-3",
-            "--device", "cpu", "-q"]  # fmt: skip
+    args = [
+        "train",
+        data,
+        "--config",
+        cfg,
+        "--recipe",
+        "plain",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "6",
+        "--lr",
+        "1e-3",
+        "--device",
+        "cpu",
+        "-q",
+    ]
     rc, _, err = run_cli(*args, "-o", tmp_path / "one")
     assert rc == 0, err
     proc = torchrun(*args, "-o", tmp_path / "two", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    one, two = load_weights(tmp_path / "one" / "model.safetensors"), load_weights(tmp_path / "two" / "model.safetensors")
+    one, two = (
+        load_weights(tmp_path / "one" / "model.safetensors"),
+        load_weights(tmp_path / "two" / "model.safetensors"),
+    )
     for k in one:
         assert (one[k] - two[k]).abs().max() <= 1e-4, k
     r1, r2 = records(tmp_path / "one"), records(tmp_path / "two")
@@ -341,15 +463,29 @@ def test_a_teacher_with_other_classes_is_refused(tmp_path, run_cpu, small):
     data, _ = small
     student = tiny_model(tmp_path / "s.safetensors")
     teacher = tiny_model(tmp_path / "t.safetensors", distilled=False, num_classes=5)
-    rc, _, err = run_cpu("train", data, "-o", tmp_path / "run", "-m", student, "--teacher", teacher, "--recipe", "plain")
+    rc, _, err = run_cpu(
+        "train", data, "-o", tmp_path / "run", "-m", student, "--teacher", teacher, "--recipe", "plain"
+    )
     assert rc == 65 and "5 classes, the data has 3" in err
     # torchvision teacher weights for another class count: the same refusal
     import torchvision
 
     net = torchvision.models.get_model("squeezenet1_1", weights=None, num_classes=5)
     torch.save(net.state_dict(), tmp_path / "tv.pth")
-    rc, _, err = run_cpu("train", data, "-o", tmp_path / "run", "-m", student, "--teacher", "torchvision:squeezenet1_1",
-                         "--teacher-weights", tmp_path / "tv.pth", "--recipe", "plain")  # fmt: skip
+    rc, _, err = run_cpu(
+        "train",
+        data,
+        "-o",
+        tmp_path / "run",
+        "-m",
+        student,
+        "--teacher",
+        "torchvision:squeezenet1_1",
+        "--teacher-weights",
+        tmp_path / "tv.pth",
+        "--recipe",
+        "plain",
+    )
     assert rc == 65 and "the teacher has 5 classes" in err and "the data has 3" in err
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
@@ -358,7 +494,9 @@ def test_a_teacher_needs_a_distilled_student(tmp_path, run_cpu, small):
     data, _ = small
     student = tiny_model(tmp_path / "s.safetensors", distilled=False)
     teacher = tiny_model(tmp_path / "t.safetensors", distilled=False)
-    rc, _, err = run_cpu("train", data, "-o", tmp_path / "run", "-m", student, "--teacher", teacher, "--recipe", "plain")
+    rc, _, err = run_cpu(
+        "train", data, "-o", tmp_path / "run", "-m", student, "--teacher", teacher, "--recipe", "plain"
+    )
     assert rc == 2 and "needs a distilled student" in err and "distillation token" in err
 
 
@@ -413,11 +551,27 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_last_one(tmp_path, run_cpu, s
     limit = len(before) // 2  # the models (a quarter of the checkpoint) fit; the checkpoint does not
     env = subprocess_env()
     p = subprocess.run(
-        [sys.executable, "-m", "deit_cli", "train", str(data), "-o", str(run), "--resume", "--epochs", "2",
-         "--device", "cpu"],
-        check=False, capture_output=True, text=True, env=env, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "deit_cli",
+            "train",
+            str(data),
+            "-o",
+            str(run),
+            "--resume",
+            "--epochs",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
-    )  # fmt: skip
+    )
     assert p.returncode == 74, p.stderr
     assert "checkpoint.pt: write failed: file too large" in p.stderr
     assert (run / "checkpoint.pt").read_bytes() == before
@@ -435,9 +589,23 @@ def test_torchvision_and_timm_teachers_distil_with_their_own_input(tmp_path, run
     tm = timm.create_model("test_vit", pretrained=False, num_classes=3)  # 160 px, mean/std 0.5
     save_safetensors(tmp_path / "tm.safetensors", tm.state_dict(), {"format": "pt"})
     for i, (spec, weights) in enumerate((("torchvision:squeezenet1_1", "tv.pth"), ("timm:test_vit", "tm.safetensors"))):
-        rc, out, err = run_cpu("train", data, "-o", tmp_path / f"run{i}", "-m", student, "--teacher", spec,
-                               "--teacher-weights", tmp_path / weights, "--recipe", "plain", "--epochs", "1",
-                               "--json")  # fmt: skip
+        rc, out, err = run_cpu(
+            "train",
+            data,
+            "-o",
+            tmp_path / f"run{i}",
+            "-m",
+            student,
+            "--teacher",
+            spec,
+            "--teacher-weights",
+            tmp_path / weights,
+            "--recipe",
+            "plain",
+            "--epochs",
+            "1",
+            "--json",
+        )
         assert rc == 0, err
         assert json.loads(out)["distillation"] == "hard"
         assert "head_dist.weight" in load_weights(tmp_path / f"run{i}" / "model.safetensors")
@@ -450,7 +618,10 @@ def test_grad_accum_makes_the_same_step(tmp_path, run_cpu, small):
     for name, extra in (("one", []), ("three", ["--grad-accum", "3"])):
         rc, _, err = run_cpu(*plain(data, tmp_path / name, cfg, "--batch-size", "9", "--epochs", "2", "-q", *extra))
         assert rc == 0, err
-    one, three = load_weights(tmp_path / "one" / "model.safetensors"), load_weights(tmp_path / "three" / "model.safetensors")
+    one, three = (
+        load_weights(tmp_path / "one" / "model.safetensors"),
+        load_weights(tmp_path / "three" / "model.safetensors"),
+    )
     for k in one:
         assert (one[k] - three[k]).abs().max() <= 1e-5, k
 
@@ -458,8 +629,9 @@ def test_grad_accum_makes_the_same_step(tmp_path, run_cpu, small):
 def test_a_source_with_other_classes_gets_new_heads_and_keeps_the_rest(tmp_path, run_cpu, small):
     data, _ = small
     source = tiny_model(tmp_path / "five.safetensors", num_classes=5, labels=[f"c{i}" for i in range(5)])
-    rc, _, err = run_cpu("train", data, "-o", tmp_path / "run", "-m", source, "--recipe", "plain", "--epochs", "1",
-                         "--lr", "1e-9")  # fmt: skip
+    rc, _, err = run_cpu(
+        "train", data, "-o", tmp_path / "run", "-m", source, "--recipe", "plain", "--epochs", "1", "--lr", "1e-9"
+    )
     assert rc == 0, err
     assert "has 5 classes, the data 3: classifier heads re-initialised" in err
     import deit_cli
@@ -474,8 +646,21 @@ def test_a_source_with_other_classes_gets_new_heads_and_keeps_the_rest(tmp_path,
 def test_image_size_resamples_the_position_embeddings(tmp_path, run_cpu, small):
     data, _ = small
     source = tiny_model(tmp_path / "s.safetensors")
-    rc, _, err = run_cpu("train", data, "-o", tmp_path / "run", "-m", source, "--recipe", "plain", "--epochs", "1",
-                         "--image-size", "48", "-q")  # fmt: skip
+    rc, _, err = run_cpu(
+        "train",
+        data,
+        "-o",
+        tmp_path / "run",
+        "-m",
+        source,
+        "--recipe",
+        "plain",
+        "--epochs",
+        "1",
+        "--image-size",
+        "48",
+        "-q",
+    )
     assert rc == 0, err
     import deit_cli
 

@@ -89,8 +89,26 @@ def test_one_step_equals_a_bce_reference(tmp_path, run_cpu):
     student = tmp_path / "student.safetensors"
     save_safetensors(student, m.state_dict(), deit_metadata(m))
     lr, wd = 1e-3, 0.05
-    rc, _, err = run_cpu("train", data, "-o", tmp_path / "run", "-m", student, "--recipe", "plain", "--multi-label",
-                         "--epochs", "1", "--batch-size", "12", "--lr", lr, "--weight-decay", wd, "-q")  # fmt: skip
+    rc, _, err = run_cpu(
+        "train",
+        data,
+        "-o",
+        tmp_path / "run",
+        "-m",
+        student,
+        "--recipe",
+        "plain",
+        "--multi-label",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "12",
+        "--lr",
+        lr,
+        "--weight-decay",
+        wd,
+        "-q",
+    )
     assert rc == 0, err
     ours = load_weights(tmp_path / "run" / "model.safetensors")
 
@@ -109,8 +127,9 @@ def test_one_step_equals_a_bce_reference(tmp_path, run_cpu):
     params = {n: p for n, p in ref.named_parameters() if not n.startswith("head_dist.")}
     decay = [p for n, p in params.items() if p.ndim >= 2 and n not in no_decay]
     other = [p for n, p in params.items() if not (p.ndim >= 2 and n not in no_decay)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": other, "weight_decay": 0.0}], lr=lr,
-                            eps=1e-8)  # fmt: skip
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": wd}, {"params": other, "weight_decay": 0.0}], lr=lr, eps=1e-8
+    )
     loss.backward()
     opt.step()
     want = {n: p.detach() for n, p in params.items()}
@@ -133,9 +152,33 @@ def learned(tmp_path_factory):
     train = make_jsonl(tmp / "data", "train", 64, seed=1)
     val = make_jsonl(tmp / "data", "val", 24, seed=2)
     t0 = time.perf_counter()
-    rc = main(["train", str(train), "--val", str(val), "-o", str(tmp / "run"), "--config",
-               str(config_file(tmp / "cfg.json")), "--recipe", "plain", "--epochs", "20", "--batch-size", "16",
-               "--lr", "5e-3", "--warmup-epochs", "1", "--device", "cpu", "--threshold", "0.5", "-q"])  # fmt: skip
+    rc = main(
+        [
+            "train",
+            str(train),
+            "--val",
+            str(val),
+            "-o",
+            str(tmp / "run"),
+            "--config",
+            str(config_file(tmp / "cfg.json")),
+            "--recipe",
+            "plain",
+            "--epochs",
+            "20",
+            "--batch-size",
+            "16",
+            "--lr",
+            "5e-3",
+            "--warmup-epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--threshold",
+            "0.5",
+            "-q",
+        ]
+    )
     return rc, tmp, val, time.perf_counter() - t0
 
 
@@ -177,8 +220,16 @@ def test_classify_and_eval_agree_with_the_run(learned, run_cpu):
     for key in ("map", "f1_micro", "f1_macro", "iou_micro", "iou_macro"):
         assert ev[key] == pytest.approx(last[f"val_{key}"], abs=1e-6), key
     truth = [set(r["label"]) for r in rows(val)]
-    rc, out, err = run_cpu("classify", *[val.parent / r["image_url"] for r in rows(val)], "-m", model_file,
-                           "--format", "jsonl", "--top", "4")  # fmt: skip
+    rc, out, err = run_cpu(
+        "classify",
+        *[val.parent / r["image_url"] for r in rows(val)],
+        "-m",
+        model_file,
+        "--format",
+        "jsonl",
+        "--top",
+        "4",
+    )
     assert rc == 0, err
     predicted = [{p["label"] for p in json.loads(line)["predictions"]} for line in out.splitlines()]
     assert len(predicted) == 24
@@ -189,15 +240,29 @@ def test_classify_and_eval_agree_with_the_run(learned, run_cpu):
 def test_label_lists_imply_multi_label_and_csv_pipes_too(tmp_path, run_cpu):
     train = make_jsonl(tmp_path / "data", "train", 8, seed=3)
     cfg = config_file(tmp_path / "cfg.json")
-    rc, out, err = run_cpu("train", train, "-o", tmp_path / "run", "--config", cfg, "--recipe", "plain", "--epochs",
-                           "1", "--json")  # fmt: skip
+    rc, out, err = run_cpu(
+        "train", train, "-o", tmp_path / "run", "--config", cfg, "--recipe", "plain", "--epochs", "1", "--json"
+    )
     assert rc == 0, err
     s = json.loads(out)
     assert s["multi_label"] is True and s["train_images"] == 8  # the empty lists are examples too
     csv = tmp_path / "data" / "train.csv"
     csv.write_text("path,label\n" + "".join(f"{r['image_url']},{'|'.join(r['label'])}\n" for r in rows(train)))
-    rc, out, err = run_cpu("train", csv, "-o", tmp_path / "run2", "--config", cfg, "--recipe", "plain", "--epochs",
-                           "1", "--val-split", "0.25", "--json")  # fmt: skip
+    rc, out, err = run_cpu(
+        "train",
+        csv,
+        "-o",
+        tmp_path / "run2",
+        "--config",
+        cfg,
+        "--recipe",
+        "plain",
+        "--epochs",
+        "1",
+        "--val-split",
+        "0.25",
+        "--json",
+    )
     assert rc == 0, err
     s = json.loads(out)
     assert s["multi_label"] is True and s["train_images"] + s["val_images"] == 8 and s["val_images"] >= 1
@@ -210,9 +275,22 @@ def test_a_class_folder_tree_trains_as_multi_label_when_asked(tmp_path, run_cpu)
         (tmp_path / "tree" / r["label"][0]).mkdir(parents=True, exist_ok=True)
         shutil.copy(train.parent / r["image_url"], tmp_path / "tree" / r["label"][0] / Path(r["image_url"]).name)
     classes = sorted(p.name for p in (tmp_path / "tree").iterdir())
-    rc, out, err = run_cpu("train", tmp_path / "tree", "-o", tmp_path / "run", "--config", config_file(tmp_path / "c.json"),
-                           "--recipe", "plain", "--epochs", "1", "--multi-label", "--threshold", "0.4",
-                           "--json")  # fmt: skip
+    rc, out, err = run_cpu(
+        "train",
+        tmp_path / "tree",
+        "-o",
+        tmp_path / "run",
+        "--config",
+        config_file(tmp_path / "c.json"),
+        "--recipe",
+        "plain",
+        "--epochs",
+        "1",
+        "--multi-label",
+        "--threshold",
+        "0.4",
+        "--json",
+    )
     assert rc == 0, err
     s = json.loads(out)
     assert s["multi_label"] is True and s["classes"] == classes and s["threshold"] == 0.4
@@ -224,13 +302,33 @@ def test_a_class_folder_tree_trains_as_multi_label_when_asked(tmp_path, run_cpu)
 def test_torchrun_two_processes_give_the_same_model_and_metrics(tmp_path, run_cli):
     train = make_jsonl(tmp_path / "data", "train", 12, seed=7)
     val = make_jsonl(tmp_path / "data", "val", 7, seed=8)  # odd: the ranks hold different shares
-    args = ["train", train, "--val", val, "--config", config_file(tmp_path / "cfg.json"), "--recipe", "plain",
-            "--epochs", "2", "--batch-size", "6", "--lr", "1e-3", "--device", "cpu", "-q"]  # fmt: skip
+    args = [
+        "train",
+        train,
+        "--val",
+        val,
+        "--config",
+        config_file(tmp_path / "cfg.json"),
+        "--recipe",
+        "plain",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "6",
+        "--lr",
+        "1e-3",
+        "--device",
+        "cpu",
+        "-q",
+    ]
     rc, _, err = run_cli(*args, "-o", tmp_path / "one")
     assert rc == 0, err
     proc = torchrun(*args, "-o", tmp_path / "two", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    one, two = load_weights(tmp_path / "one" / "model.safetensors"), load_weights(tmp_path / "two" / "model.safetensors")
+    one, two = (
+        load_weights(tmp_path / "one" / "model.safetensors"),
+        load_weights(tmp_path / "two" / "model.safetensors"),
+    )
     for k in one:
         assert (one[k] - two[k]).abs().max() <= 1e-4, k
     r1, r2 = records(tmp_path / "one")[-1], records(tmp_path / "two")[-1]
@@ -249,8 +347,19 @@ def test_the_augmented_recipe_mixes_the_label_vectors(tmp_path, run_cpu):
     torch.testing.assert_close(my, lam * y + (1 - lam) * y.flip(0))
     # the scratch recipe (mixup, cutmix, RandAugment, erasing, EMA) runs; smoothing is off, with a note
     train = make_jsonl(tmp_path / "data", "train", 6, seed=4)
-    rc, _, err = run_cpu("train", train, "-o", tmp_path / "run", "--config", config_file(tmp_path / "cfg.json"),
-                         "--epochs", "2", "--batch-size", "6", "--multi-label")  # fmt: skip
+    rc, _, err = run_cpu(
+        "train",
+        train,
+        "-o",
+        tmp_path / "run",
+        "--config",
+        config_file(tmp_path / "cfg.json"),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "6",
+        "--multi-label",
+    )
     assert rc == 0, err
     assert "label smoothing (0.1) does not apply to multi-label training" in err
     assert all(np.isfinite(r["train_loss"]) for r in records(tmp_path / "run"))
@@ -282,8 +391,11 @@ def test_a_validation_label_unknown_to_training_is_refused(tmp_path, run_cpu, sm
 def test_single_label_training_with_a_multi_label_validation_set_is_refused(tmp_path, run_cpu, small):
     data, cfg = small
     single = tmp_path / "data" / "single.jsonl"
-    single.write_text("".join(json.dumps({"image_url": r["image_url"], "label": r["label"][0]}) + "\n"
-                              for r in rows(data) if r["label"]))  # fmt: skip
+    single.write_text(
+        "".join(
+            json.dumps({"image_url": r["image_url"], "label": r["label"][0]}) + "\n" for r in rows(data) if r["label"]
+        )
+    )
     rc, _, err = run_cpu(*plain(single, tmp_path / "run", cfg, "--val", data))
     assert rc == 65 and "single-label run" in err and "--multi-label" in err
 
@@ -298,8 +410,11 @@ def test_a_threshold_outside_0_1_is_a_usage_error(tmp_path, run_cpu, small, valu
 def test_a_threshold_needs_multi_label_training(tmp_path, run_cpu, small):
     data, cfg = small
     single = tmp_path / "data" / "single.jsonl"
-    single.write_text("".join(json.dumps({"image_url": r["image_url"], "label": r["label"][0]}) + "\n"
-                              for r in rows(data) if r["label"]))  # fmt: skip
+    single.write_text(
+        "".join(
+            json.dumps({"image_url": r["image_url"], "label": r["label"][0]}) + "\n" for r in rows(data) if r["label"]
+        )
+    )
     rc, _, err = run_cpu(*plain(single, tmp_path / "run", cfg, "--threshold", "0.3"))
     assert rc == 2 and "multi-label" in err
 
@@ -319,8 +434,11 @@ def test_a_teacher_with_multi_label_is_a_usage_error(tmp_path, run_cpu, small):
 def test_resuming_a_single_label_run_with_multi_label_data_is_refused(tmp_path, run_cpu, small):
     data, cfg = small
     single = tmp_path / "data" / "single.jsonl"
-    single.write_text("".join(json.dumps({"image_url": r["image_url"], "label": r["label"][0]}) + "\n"
-                              for r in rows(data) if r["label"]))  # fmt: skip
+    single.write_text(
+        "".join(
+            json.dumps({"image_url": r["image_url"], "label": r["label"][0]}) + "\n" for r in rows(data) if r["label"]
+        )
+    )
     run = tmp_path / "run"
     assert run_cpu(*plain(single, run, cfg, "-q"))[0] == 0
     before = (run / "checkpoint.pt").read_bytes()
@@ -354,8 +472,11 @@ def test_a_corrupt_validation_image_is_skipped_and_counted(tmp_path, run_cpu, sm
     data, cfg = small
     (tmp_path / "data" / "train" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     val = tmp_path / "data" / "val.jsonl"
-    val.write_text("".join(line + "\n" for line in data.read_text().splitlines()[:4])
-                   + json.dumps({"image_url": "train/broken.png", "label": ["red"]}) + "\n")  # fmt: skip
+    val.write_text(
+        "".join(line + "\n" for line in data.read_text().splitlines()[:4])
+        + json.dumps({"image_url": "train/broken.png", "label": ["red"]})
+        + "\n"
+    )
     rc, _, err = run_cpu(*plain(data, tmp_path / "run", cfg, "--val", val))
     assert rc == 0, err
     rec = records(tmp_path / "run")[0]

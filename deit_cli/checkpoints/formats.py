@@ -108,7 +108,9 @@ def read_torch(path: Path) -> object:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - every failure here is a bad checkpoint
         msg = str(e)
-        m = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"Unsupported (?:global|operand)[^\n]*?([\w.]+\.[\w]+)", msg)
+        m = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(
+            r"Unsupported (?:global|operand)[^\n]*?([\w.]+\.[\w]+)", msg
+        )
         if m:
             # torch drops the module of builtins from the name (`exec` for builtins.exec)
             name = m.group(1) if "." in m.group(1) else f"builtins.{m.group(1)}"

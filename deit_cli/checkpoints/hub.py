@@ -55,10 +55,7 @@ _FILE_SUFFIXES = (
 
 _TOKEN_HINT = "check the spelling; a private repo needs HF_TOKEN set to a token with access"
 _OFFLINE_HINT = "run once with network access to fill the cache, or unset HF_HUB_OFFLINE"
-_UNREACHABLE_HINT = (
-    "check the network connection, a proxy, or HF_ENDPOINT;"
-    " set HF_HUB_OFFLINE=1 to use the cache only"
-)
+_UNREACHABLE_HINT = "check the network connection, a proxy, or HF_ENDPOINT; set HF_HUB_OFFLINE=1 to use the cache only"
 
 
 @dataclass(frozen=True)
@@ -122,9 +119,7 @@ def fetch_model_files(repo_id: str, revision: str | None = None) -> HubFiles:
     unreachable: BaseException | None = None if _offline() else _endpoint_down()
     weights: Path | None = None
     for filename in WEIGHT_FILES:
-        path, error = _download(
-            repo_id, filename, revision, shown, cache_only=unreachable is not None
-        )
+        path, error = _download(repo_id, filename, revision, shown, cache_only=unreachable is not None)
         if path is not None:
             weights = path
             break
@@ -134,17 +129,12 @@ def fetch_model_files(repo_id: str, revision: str | None = None) -> HubFiles:
             raise _unavailable(shown, unreachable)
         raise CheckpointError(
             f"{shown}: the repo has neither {' nor '.join(WEIGHT_FILES)}",
-            "is this a model repo with weights in one of those files? a local copy can be given"
-            " as a file",
+            "is this a model repo with weights in one of those files? a local copy can be given as a file",
         )
     # The config follows the weights: from the hub if they came from it, else from the cache.
-    config, error = _download(
-        repo_id, CONFIG_FILE, revision, shown, cache_only=unreachable is not None
-    )
+    config, error = _download(repo_id, CONFIG_FILE, revision, shown, cache_only=unreachable is not None)
     commit = weights.parent.name if re.fullmatch(r"[0-9a-f]{40}", weights.parent.name) else None
-    return HubFiles(
-        repo_id=repo_id, weights=weights, config=config, revision=revision or "main", commit=commit
-    )
+    return HubFiles(repo_id=repo_id, weights=weights, config=config, revision=revision or "main", commit=commit)
 
 
 def _download(
@@ -175,13 +165,10 @@ def _download(
     except E.GatedRepo:  # before RepositoryNotFound: it subclasses it
         raise AccessDenied(
             f"{shown}: this repo is gated and the hub refused access",
-            "accept the model's terms on its hub page, then set HF_TOKEN to a token of that"
-            " account",
+            "accept the model's terms on its hub page, then set HF_TOKEN to a token of that account",
         ) from None
     except E.RepositoryNotFound:
-        raise InputNotFound(
-            f"{shown}: no such repo on the hub (or it is private)", _TOKEN_HINT
-        ) from None
+        raise InputNotFound(f"{shown}: no such repo on the hub (or it is private)", _TOKEN_HINT) from None
     except E.RevisionNotFound:
         raise InputNotFound(
             f"{repo_id}: no revision {revision!r} in this repo",
@@ -190,9 +177,7 @@ def _download(
     except E.Disabled:
         raise AccessDenied(f"{shown}: access to this repo is disabled on the hub") from None
     except E.Validation as e:
-        raise InputNotFound(
-            f"{shown}: not a valid hub repo id or revision ({_first_line(e)})"
-        ) from None
+        raise InputNotFound(f"{shown}: not a valid hub repo id or revision ({_first_line(e)})") from None
     except E.HTTP as e:
         raise _from_http_error(shown, e) from None
     except E.Offline as e:
@@ -203,27 +188,21 @@ def _download(
         if isinstance(e, PermissionError) or e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES):
             raise WriteError(
                 f"{shown}: cannot write to the hub cache ({e.strerror or e})",
-                "free some space, or point HF_HUB_CACHE elsewhere"
-                f" (now {huggingface_hub.constants.HF_HUB_CACHE})",
+                f"free some space, or point HF_HUB_CACHE elsewhere (now {huggingface_hub.constants.HF_HUB_CACHE})",
             ) from None
-        raise HubUnavailable(
-            f"{shown}: download of {filename} failed ({_first_line(e)})", "try again"
-        ) from None
+        raise HubUnavailable(f"{shown}: download of {filename} failed ({_first_line(e)})", "try again") from None
 
 
 def _unavailable(shown: str, error: BaseException) -> HubUnavailable:
     """The error for 'not cached, and the hub gave no answer' (offline, network, 5xx...)."""
     E = _hub_errors()
     if _offline() or isinstance(error, E.Offline):
-        return HubUnavailable(
-            f"{shown}: not in the cache while offline (HF_HUB_OFFLINE is set)", _OFFLINE_HINT
-        )
+        return HubUnavailable(f"{shown}: not in the cache while offline (HF_HUB_OFFLINE is set)", _OFFLINE_HINT)
     if isinstance(error, E.HTTP):
         return _from_http_error(shown, error)
     if isinstance(error, E.Metadata):
         return HubUnavailable(
-            f"{shown}: the hub endpoint's answer is not a Hugging Face hub's"
-            f" ({_first_line(error)})",
+            f"{shown}: the hub endpoint's answer is not a Hugging Face hub's ({_first_line(error)})",
             "check HF_ENDPOINT and any proxy",
         )
     return HubUnavailable(
@@ -232,9 +211,7 @@ def _unavailable(shown: str, error: BaseException) -> HubUnavailable:
     )
 
 
-def _from_http_error(
-    shown: str, error: BaseException
-) -> HubUnavailable | AccessDenied | InputNotFound:
+def _from_http_error(shown: str, error: BaseException) -> HubUnavailable | AccessDenied | InputNotFound:
     response = getattr(error, "response", None)
     status = getattr(response, "status_code", None)
     if status in (401, 403):
@@ -245,13 +222,9 @@ def _from_http_error(
     if status == 404:
         return InputNotFound(f"{shown}: not found on the hub (HTTP 404)", _TOKEN_HINT)
     if status == 429:
-        return HubUnavailable(
-            f"{shown}: the hub is rate-limiting requests (HTTP 429)", "wait a little and try again"
-        )
+        return HubUnavailable(f"{shown}: the hub is rate-limiting requests (HTTP 429)", "wait a little and try again")
     if status is not None and status >= 500:
-        return HubUnavailable(
-            f"{shown}: hub unreachable (HTTP {status})", "the hub has a problem; try again later"
-        )
+        return HubUnavailable(f"{shown}: hub unreachable (HTTP {status})", "the hub has a problem; try again later")
     return HubUnavailable(f"{shown}: hub request failed (HTTP {status})", _UNREACHABLE_HINT)
 
 

@@ -210,7 +210,11 @@ def _check_strict(model: DeiT, sd: dict[str, torch.Tensor], path: Path) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
-    shaped = [f"{k} {tuple(sd[k].shape)} (expected {expected[k]})" for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
+    shaped = [
+        f"{k} {tuple(sd[k].shape)} (expected {expected[k]})"
+        for k in expected
+        if k in sd and tuple(sd[k].shape) != expected[k]
+    ]
     problems = []
     if missing:
         problems.append("missing tensors: " + _few(missing))

@@ -18,9 +18,17 @@ from ..model import DeiT
 from . import layouts
 from ..engine.runner import resolve_dtype
 from .loading import (
-    HF_MULTI_LABEL, HF_THRESHOLD, META_CONFIG, META_LABELS, META_MULTI_LABEL, META_SOURCE, META_THRESHOLD,
-    DeiTWarning, build_model, read_checkpoint,
-)  # fmt: skip
+    HF_MULTI_LABEL,
+    HF_THRESHOLD,
+    META_CONFIG,
+    META_LABELS,
+    META_MULTI_LABEL,
+    META_SOURCE,
+    META_THRESHOLD,
+    DeiTWarning,
+    build_model,
+    read_checkpoint,
+)
 
 TARGETS = ("deit", "timm", "hf")
 # (atol, rtol) of the logit check per stored dtype: reduced precision moves logits a little.
@@ -129,9 +137,14 @@ def write_hf(path: Path, model: DeiT, dtype: torch.dtype) -> str:
 
 
 def convert(
-    source: str, dst: Path, *, to: str = "deit", dtype: str | None = None, force: bool = False,
+    source: str,
+    dst: Path,
+    *,
+    to: str = "deit",
+    dtype: str | None = None,
+    force: bool = False,
     tolerance: float | None = None,
-) -> ConvertResult:  # fmt: skip
+) -> ConvertResult:
     """Convert any source to `to` at `dst`, check its logits against the source's, then
     rename it into place. Raises on anything over tolerance; writes nothing then."""
     if to not in TARGETS:
@@ -164,10 +177,18 @@ def convert(
             )
         size = sum(p.stat().st_size for p in tmp.rglob("*")) if tmp.is_dir() else tmp.stat().st_size
     return ConvertResult(
-        source=ckpt.source, destination=str(dst), to=to, layout_in=ckpt.layout,
-        dtype=str(store).removeprefix("torch."), params=sum(p.numel() for p in model.parameters()),
-        bytes=size, max_abs_diff=diff, tolerance=tol, timm_name=timm_name, hf_architecture=arch,
-    )  # fmt: skip
+        source=ckpt.source,
+        destination=str(dst),
+        to=to,
+        layout_in=ckpt.layout,
+        dtype=str(store).removeprefix("torch."),
+        params=sum(p.numel() for p in model.parameters()),
+        bytes=size,
+        max_abs_diff=diff,
+        tolerance=tol,
+        timm_name=timm_name,
+        hf_architecture=arch,
+    )
 
 
 @torch.inference_mode()

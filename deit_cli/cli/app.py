@@ -18,6 +18,7 @@ from . import output
 # One module per command (cli/X.py); importing one must not import torch.
 COMMANDS = ("classify", "features", "evaluate", "explain", "train", "convert", "export", "models", "bench", "serve")
 
+
 class _Group(TyperGroup):
     def invoke(self, ctx):
         # `deit ... | head -1`: Typer turns EPIPE into exit 1 before main() could see it.
@@ -90,8 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             oom = _with_batch_hint(OutOfMemory("out of memory", batch_size=output.batch_size()))
             output.error(oom.one_line())
             return oom.exit_code
-        output.error(f"internal error: {type(e).__name__}: {_first_line(e)} (this is a bug in deit; "
-                     "set DEIT_DEBUG=1 to see the traceback and report it)")  # fmt: skip
+        output.error(
+            f"internal error: {type(e).__name__}: {_first_line(e)} (this is a bug in deit; "
+            "set DEIT_DEBUG=1 to see the traceback and report it)"
+        )
         rc = EXIT_INTERNAL
     if rc == EXIT_INTERRUPTED and not debug and not reported:  # Typer turns Ctrl-C into Exit(130) silently
         output.error("interrupted")

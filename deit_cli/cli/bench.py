@@ -13,18 +13,49 @@ from . import output
 from .options import DEFAULT_MODEL_NAME, BatchListOpt, DeviceOpt, FormatOpt, JsonOpt, ModelOpt, QuietOpt
 
 CSV_FIELDS = [
-    "model", "impl", "mode", "device", "device_name", "dtype", "batch", "images_per_s", "images_per_s_min",
-    "images_per_s_max", "ms_per_batch", "latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "peak_memory_mb",
-    "memory", "params", "gmacs_per_image", "tflops", "peak_tflops", "pct_of_peak", "deit_speedup", "compile",
-    "threads", "path", "torch", "warmup", "iters", "reps", "max_abs_diff", "input_s", "model_s", "images",
-]  # fmt: skip
+    "model",
+    "impl",
+    "mode",
+    "device",
+    "device_name",
+    "dtype",
+    "batch",
+    "images_per_s",
+    "images_per_s_min",
+    "images_per_s_max",
+    "ms_per_batch",
+    "latency_ms_p50",
+    "latency_ms_p90",
+    "latency_ms_p99",
+    "peak_memory_mb",
+    "memory",
+    "params",
+    "gmacs_per_image",
+    "tflops",
+    "peak_tflops",
+    "pct_of_peak",
+    "deit_speedup",
+    "compile",
+    "threads",
+    "path",
+    "torch",
+    "warmup",
+    "iters",
+    "reps",
+    "max_abs_diff",
+    "input_s",
+    "model_s",
+    "images",
+]
 
 
 RandomInitOpt = Annotated[
     bool,
-    typer.Option("--random-init", help="The registry variant's architecture with random weights (offline; "
-                 "speed does not depend on the values)."),
-]  # fmt: skip
+    typer.Option(
+        "--random-init",
+        help="The registry variant's architecture with random weights (offline; speed does not depend on the values).",
+    ),
+]
 BenchDtypeOpt = Annotated[str, typer.Option("--dtype", help="fp32, bf16 or fp16 (or a comma list).")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile deit (and the peers, alike).")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads (torch.set_num_threads).")]
@@ -41,9 +72,12 @@ CompareOpt = Annotated[
 ]
 EndToEndOpt = Annotated[
     Path | None,
-    typer.Option("--end-to-end", file_okay=False,
-                 help="A directory of images: time the whole classify path (decode, preprocess, model)."),
-]  # fmt: skip
+    typer.Option(
+        "--end-to-end",
+        file_okay=False,
+        help="A directory of images: time the whole classify path (decode, preprocess, model).",
+    ),
+]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", "-j", min=0, help="Decoding threads for --end-to-end.")]
 PeakOpt = Annotated[
     float | None,
@@ -93,12 +127,23 @@ def bench(
     fmt = output.choose_format(format_, json_, per_item=True)
 
     spec = BenchSpec(
-        model=model, random_init=random_init, device=device, batches=parse_batches(batch),
-        dtypes=[d.strip() for d in dtype.split(",") if d.strip()], compile=compile_, threads=threads,
-        warmup=warmup, iters=iters, seconds=seconds, reps=reps, compare=parse_compare(compare),
-        end_to_end=str(end_to_end) if end_to_end else None, workers=workers, peak_tflops=peak_tflops,
+        model=model,
+        random_init=random_init,
+        device=device,
+        batches=parse_batches(batch),
+        dtypes=[d.strip() for d in dtype.split(",") if d.strip()],
+        compile=compile_,
+        threads=threads,
+        warmup=warmup,
+        iters=iters,
+        seconds=seconds,
+        reps=reps,
+        compare=parse_compare(compare),
+        end_to_end=str(end_to_end) if end_to_end else None,
+        workers=workers,
+        peak_tflops=peak_tflops,
         image_size=image_size,
-    )  # fmt: skip
+    )
     note = (lambda _m: None) if quiet else output.warn
     progress = not quiet and output.show_progress()
     rows = []
@@ -129,19 +174,43 @@ def _table(rows, *, quiet: bool) -> None:
         return
     first = rows[0]
     e2e = first.mode == "end-to-end"
-    title = (f"{first.model} on {first.device_name} · torch {first.torch} · {first.params / 1e6:.2f} M params · "
-             f"{first.gmacs_per_image:.2f} GMACs/image")  # fmt: skip
+    title = (
+        f"{first.model} on {first.device_name} · torch {first.torch} · {first.params / 1e6:.2f} M params · "
+        f"{first.gmacs_per_image:.2f} GMACs/image"
+    )
     table = Table(title=title, title_justify="left")
-    cols = ["impl", "dtype", "batch", "images/s", "min..max", "ms/batch", "p50 ms", "p90 ms", "p99 ms",
-            "peak MiB", "TFLOP/s", "% peak"]  # fmt: skip
+    cols = [
+        "impl",
+        "dtype",
+        "batch",
+        "images/s",
+        "min..max",
+        "ms/batch",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "peak MiB",
+        "TFLOP/s",
+        "% peak",
+    ]
     cols += ["input s", "model s"] if e2e else ["deit ×", "path"]
     for c in cols:
         table.add_column(c, justify="left" if c in ("impl", "dtype", "path") else "right")
     for r in rows:
-        cells = [r.impl, r.dtype, str(r.batch), _fmt(r.images_per_s),
-                 f"{r.images_per_s_min:.1f}..{r.images_per_s_max:.1f}", _fmt(r.ms_per_batch, ".2f"), _fmt(r.latency_ms_p50, ".2f"), _fmt(r.latency_ms_p90, ".2f"),
-                 _fmt(r.latency_ms_p99, ".2f"), _fmt(r.peak_memory_mb, ".0f", "n/a"), _fmt(r.tflops, ".3f"),
-                 _fmt(r.pct_of_peak, ".1f")]  # fmt: skip
+        cells = [
+            r.impl,
+            r.dtype,
+            str(r.batch),
+            _fmt(r.images_per_s),
+            f"{r.images_per_s_min:.1f}..{r.images_per_s_max:.1f}",
+            _fmt(r.ms_per_batch, ".2f"),
+            _fmt(r.latency_ms_p50, ".2f"),
+            _fmt(r.latency_ms_p90, ".2f"),
+            _fmt(r.latency_ms_p99, ".2f"),
+            _fmt(r.peak_memory_mb, ".0f", "n/a"),
+            _fmt(r.tflops, ".3f"),
+            _fmt(r.pct_of_peak, ".1f"),
+        ]
         if e2e:
             cells += [_fmt(r.input_s, ".2f"), _fmt(r.model_s, ".2f")]
         else:

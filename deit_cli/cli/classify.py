@@ -10,9 +10,24 @@ import typer
 from . import output
 from .inputs import image_options, load, positioned, prefetch, read_inputs, wants_progress
 from .options import (
-    DEFAULT_MODEL_NAME, AllowTruncatedOpt, BatchSizeOpt, CropPctOpt, DeviceOpt, DtypeOpt, FormatOpt, HeadOpt,
-    InputsArg, JsonOpt, ModelOpt, NoExifOpt, NullOpt, QuietOpt, ResizeOpt, TopOpt, WorkersOpt,
-)  # fmt: skip
+    DEFAULT_MODEL_NAME,
+    AllowTruncatedOpt,
+    BatchSizeOpt,
+    CropPctOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FormatOpt,
+    HeadOpt,
+    InputsArg,
+    JsonOpt,
+    ModelOpt,
+    NoExifOpt,
+    NullOpt,
+    QuietOpt,
+    ResizeOpt,
+    TopOpt,
+    WorkersOpt,
+)
 
 
 class Scores(str, Enum):
@@ -29,10 +44,16 @@ def classify(
     model: ModelOpt = DEFAULT_MODEL_NAME,
     top: TopOpt = 5,
     head: HeadOpt = None,
-    scores: Annotated[Scores, typer.Option("--scores", help="prob (softmax; sigmoid for a multi-label model) or logit.")] = Scores.prob,
-    threshold: Annotated[float | None, typer.Option(
-        "--threshold", help="Multi-label models: report the labels scoring at least this (default: the model's).",
-    )] = None,
+    scores: Annotated[
+        Scores, typer.Option("--scores", help="prob (softmax; sigmoid for a multi-label model) or logit.")
+    ] = Scores.prob,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--threshold",
+            help="Multi-label models: report the labels scoring at least this (default: the model's).",
+        ),
+    ] = None,
     format_: FormatOpt = None,
     json_: JsonOpt = False,
     batch_size: BatchSizeOpt = 32,
@@ -69,9 +90,19 @@ def classify(
         if net.multi_label:
             extra["threshold"] = net.threshold if threshold is None else threshold
         with output.ProgressBar(show, "classifying", len(items) if isinstance(items, list) else None) as bar:
-            results = bar.wrap(engine.classify(net, items, top=top, head=chosen_head, scores=scores.value,
-                                               threshold=threshold, device=device, dtype=dtype,
-                                               options=options))  # fmt: skip
+            results = bar.wrap(
+                engine.classify(
+                    net,
+                    items,
+                    top=top,
+                    head=chosen_head,
+                    scores=scores.value,
+                    threshold=threshold,
+                    device=device,
+                    dtype=dtype,
+                    options=options,
+                )
+            )
             if not distributed.is_distributed():
                 code = render(results, fmt, extra, scores.value, before_table=bar.stop)
             else:
@@ -132,8 +163,9 @@ def _write_tables(results: list, scores: str) -> None:
     if len(results) <= FEW:
         for r in good:
             notes = [*r.notes, *([] if r.predictions else ["no label at or above the threshold"])]
-            table = Table(title=escape(r.path), title_justify="left", caption="; ".join(notes) or None,
-                          caption_justify="left")  # fmt: skip
+            table = Table(
+                title=escape(r.path), title_justify="left", caption="; ".join(notes) or None, caption_justify="left"
+            )
             table.add_column("#", justify="right")
             table.add_column("label")
             table.add_column(heading, justify="right")

@@ -15,9 +15,17 @@ from .options import ForceOpt, FormatOpt, JsonOpt, QuietOpt
 def convert(
     src: Annotated[str, typer.Argument(help="Checkpoint file, model directory, registry name or hub repo id.")],
     dst: Annotated[Path, typer.Argument(help="Output file (--to deit/timm) or directory (--to hf).")],
-    to: Annotated[str, typer.Option("--to", help="deit (safetensors with config and labels), timm, or hf (a transformers directory).")] = "deit",
+    to: Annotated[
+        str,
+        typer.Option("--to", help="deit (safetensors with config and labels), timm, or hf (a transformers directory)."),
+    ] = "deit",
     dtype: Annotated[str, typer.Option("--dtype", help="Stored precision: fp32, fp16 or bf16.")] = "fp32",
-    tolerance: Annotated[float | None, typer.Option("--tolerance", help="Largest allowed logit difference in the read-back check (default: by dtype).")] = None,
+    tolerance: Annotated[
+        float | None,
+        typer.Option(
+            "--tolerance", help="Largest allowed logit difference in the read-back check (default: by dtype)."
+        ),
+    ] = None,
     force: ForceOpt = False,
     format_: FormatOpt = None,
     json_: JsonOpt = False,

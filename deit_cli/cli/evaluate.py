@@ -13,9 +13,22 @@ from ..errors import EXIT_OK, EXIT_PARTIAL, InputNotFound
 from . import output
 from .inputs import image_options, load, wants_progress
 from .options import (
-    DEFAULT_MODEL_NAME, AllowTruncatedOpt, BatchSizeOpt, CropPctOpt, DeviceOpt, DtypeOpt, ForceOpt, FormatOpt,
-    HeadOpt, JsonOpt, ModelOpt, NoExifOpt, QuietOpt, ResizeOpt, WorkersOpt,
-)  # fmt: skip
+    DEFAULT_MODEL_NAME,
+    AllowTruncatedOpt,
+    BatchSizeOpt,
+    CropPctOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    FormatOpt,
+    HeadOpt,
+    JsonOpt,
+    ModelOpt,
+    NoExifOpt,
+    QuietOpt,
+    ResizeOpt,
+    WorkersOpt,
+)
 
 
 class LabelBy(str, Enum):
@@ -26,26 +39,42 @@ class LabelBy(str, Enum):
 
 
 def evaluate(
-    dataset: Annotated[str, typer.Argument(
-        metavar="SET", show_default=False,
-        help="Image-folder tree (one subfolder per class, named by WordNet id, class index or label) "
-             "or a list file (CSV/TSV `path,label`; paths relative to the list's folder).")],
+    dataset: Annotated[
+        str,
+        typer.Argument(
+            metavar="SET",
+            show_default=False,
+            help="Image-folder tree (one subfolder per class, named by WordNet id, class index or label) "
+            "or a list file (CSV/TSV `path,label`; paths relative to the list's folder).",
+        ),
+    ],
     model: ModelOpt = DEFAULT_MODEL_NAME,
-    labels: Annotated[Path | None, typer.Option(
-        "--labels", help="A list file (`path,label`) of the images in SET: a folder, its paths relative to it.",
-    )] = None,
-    label_by: Annotated[LabelBy, typer.Option(
-        "--label-by", help="How the set names classes (auto: whichever matches every name).")] = LabelBy.auto,
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            "--labels",
+            help="A list file (`path,label`) of the images in SET: a folder, its paths relative to it.",
+        ),
+    ] = None,
+    label_by: Annotated[
+        LabelBy, typer.Option("--label-by", help="How the set names classes (auto: whichever matches every name).")
+    ] = LabelBy.auto,
     topk: Annotated[str, typer.Option("--topk", help="The k of the top-k accuracies, comma-separated.")] = "1,5",
     per_class: Annotated[bool, typer.Option("--per-class", help="Also the accuracy of every class.")] = False,
-    confused: Annotated[int, typer.Option(
-        "--confused", min=0, help="How many most-confused class pairs to list.")] = 10,
-    predictions: Annotated[Path | None, typer.Option(
-        "--predictions", help="Write every image's prediction to this JSONL file.")] = None,
+    confused: Annotated[
+        int, typer.Option("--confused", min=0, help="How many most-confused class pairs to list.")
+    ] = 10,
+    predictions: Annotated[
+        Path | None, typer.Option("--predictions", help="Write every image's prediction to this JSONL file.")
+    ] = None,
     force: ForceOpt = False,
-    threshold: Annotated[float | None, typer.Option(
-        "--threshold", help="Multi-label models: a label is predicted at or above this score (default: the model's).",
-    )] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--threshold",
+            help="Multi-label models: a label is predicted at or above this score (default: the model's).",
+        ),
+    ] = None,
     head: HeadOpt = None,
     batch_size: BatchSizeOpt = 32,
     device: DeviceOpt = "auto",
@@ -91,15 +120,21 @@ def evaluate(
         chosen_head = head.value if head else None
         multi = net.multi_label or lset.multi_label
         if multi:
-            metrics, results = ev.multi_label_evaluation(net, lset, threshold=threshold, head=chosen_head,
-                                                         device=device, dtype=dtype, options=options)  # fmt: skip
+            metrics, results = ev.multi_label_evaluation(
+                net, lset, threshold=threshold, head=chosen_head, device=device, dtype=dtype, options=options
+            )
         else:
-            metrics, results = ev.evaluation(net, lset, ks=ks, head=chosen_head, device=device, dtype=dtype,
-                                             options=options)  # fmt: skip
+            metrics, results = ev.evaluation(
+                net, lset, ks=ks, head=chosen_head, device=device, dtype=dtype, options=options
+            )
         rank, size = distributed.world()
         with output.ProgressBar(show, "evaluating", len(range(rank, len(lset), size))) as bar:  # this rank's share
-            ev.write_predictions(bar.wrap(_warning_failures(results)), net.labels, predictions,
-                                 threshold=metrics.threshold if multi else None)  # fmt: skip
+            ev.write_predictions(
+                bar.wrap(_warning_failures(results)),
+                net.labels,
+                predictions,
+                threshold=metrics.threshold if multi else None,
+            )
         metrics = metrics.reduced()
     if not distributed.is_main():
         raise typer.Exit(EXIT_OK)  # rank 0 reports for every rank
@@ -107,8 +142,9 @@ def evaluate(
     if multi:
         summary = ev.multi_label_summary(net, lset, metrics, per_class=per_class, predictions=predictions)
     else:
-        summary = ev.summary(net, lset, metrics, head=chosen_head, per_class=per_class, confused=confused,
-                             predictions=predictions)  # fmt: skip
+        summary = ev.summary(
+            net, lset, metrics, head=chosen_head, per_class=per_class, confused=confused, predictions=predictions
+        )
     if fmt != "table":
         output.write_document(summary, fmt)
     elif multi:
@@ -118,8 +154,9 @@ def evaluate(
     if not metrics.images:
         raise InputNotFound(f"{lset.source}: none of the {len(metrics.failed)} images could be read")
     if metrics.failed:
-        output.warn(f"{len(metrics.failed)} of {summary['total']} images failed; accuracy is over the other "
-                    f"{metrics.images}")  # fmt: skip
+        output.warn(
+            f"{len(metrics.failed)} of {summary['total']} images failed; accuracy is over the other {metrics.images}"
+        )
         raise typer.Exit(EXIT_PARTIAL)
 
 
@@ -161,16 +198,24 @@ def _render(s: dict, ks) -> None:
         for col in ("index", "class", "label", "images", *(f"top-{k}" for k in ks)):
             table.add_column(col, justify="right" if col in ("index", "images") or col.startswith("top") else "left")
         for r in s["per_class"]:
-            table.add_row(str(r["index"]), escape(r["name"]), escape(r["label"]), str(r["images"]),
-                          *(_pct(r[f"top{k}"]) for k in ks))  # fmt: skip
+            table.add_row(
+                str(r["index"]),
+                escape(r["name"]),
+                escape(r["label"]),
+                str(r["images"]),
+                *(_pct(r[f"top{k}"]) for k in ks),
+            )
         console.print(table)
     if s["confused"]:
         table = Table(title="most confused (true → predicted)", title_justify="left")
         for col, j in (("true", "left"), ("predicted", "left"), ("images", "right")):
             table.add_column(col, justify=j)
         for c in s["confused"]:
-            table.add_row(escape(f"{c['true']} {c['true_label']}"), escape(f"{c['predicted']} {c['predicted_label']}"),
-                          str(c["count"]))  # fmt: skip
+            table.add_row(
+                escape(f"{c['true']} {c['true_label']}"),
+                escape(f"{c['predicted']} {c['predicted_label']}"),
+                str(c["count"]),
+            )
         console.print(table)
     _failed_table(console, s["failed_images"])
 
@@ -200,8 +245,9 @@ def _render_multi_label(s: dict) -> None:
     from rich.table import Table
 
     console = output.stdout_console()
-    head = Table(title=escape(f"deit eval: {s['set']} (multi-label)"), title_justify="left", show_header=False,
-                 box=None)  # fmt: skip
+    head = Table(
+        title=escape(f"deit eval: {s['set']} (multi-label)"), title_justify="left", show_header=False, box=None
+    )
     head.add_column(style="bold")
     head.add_column()
     head.add_row("model", escape(s["model"]))
@@ -217,8 +263,15 @@ def _render_multi_label(s: dict) -> None:
         for col in ("index", "label", "positives", "predicted", "AP", "F1", "IoU"):
             table.add_column(col, justify="left" if col == "label" else "right")
         for r in s["per_class"]:
-            table.add_row(str(r["index"]), escape(r["label"]), str(r["positives"]), str(r["predicted"]),
-                          _frac(r["ap"]), _frac(r["f1"]), _frac(r["iou"]))  # fmt: skip
+            table.add_row(
+                str(r["index"]),
+                escape(r["label"]),
+                str(r["positives"]),
+                str(r["predicted"]),
+                _frac(r["ap"]),
+                _frac(r["f1"]),
+                _frac(r["iou"]),
+            )
         console.print(table)
     _failed_table(console, s["failed_images"])
 

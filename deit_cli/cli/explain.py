@@ -13,9 +13,22 @@ import typer
 from . import output
 from .inputs import image_options, load, read_inputs, wants_progress
 from .options import (
-    DEFAULT_MODEL_NAME, AllowTruncatedOpt, BatchSizeOpt, CropPctOpt, DeviceOpt, DtypeOpt, ForceOpt, InputsArg,
-    ModelOpt, NoExifOpt, NullOpt, QuietOpt, ResizeOpt, TopOpt, WorkersOpt,
-)  # fmt: skip
+    DEFAULT_MODEL_NAME,
+    AllowTruncatedOpt,
+    BatchSizeOpt,
+    CropPctOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    InputsArg,
+    ModelOpt,
+    NoExifOpt,
+    NullOpt,
+    QuietOpt,
+    ResizeOpt,
+    TopOpt,
+    WorkersOpt,
+)
 
 
 class Method(str, Enum):
@@ -32,26 +45,37 @@ class ExplainFormat(str, Enum):
 def explain(
     inputs: InputsArg,
     out_dir: Annotated[
-        Path, typer.Option("--output", "-o", help="Directory for NAME.METHOD.png (and .npy); created if missing.",
-                           show_default=False),
+        Path,
+        typer.Option(
+            "--output", "-o", help="Directory for NAME.METHOD.png (and .npy); created if missing.", show_default=False
+        ),
     ],
     model: ModelOpt = DEFAULT_MODEL_NAME,
     method: Annotated[
         Method,
-        typer.Option("--method", help="rollout (attention through all blocks, the default) or attention "
-                     "(the last block only)."),
+        typer.Option(
+            "--method", help="rollout (attention through all blocks, the default) or attention (the last block only)."
+        ),
     ] = Method.rollout,
     per_head: Annotated[bool, typer.Option("--per-head", help="Add the last block's maps, one per head.")] = False,
     raw: Annotated[
-        bool, typer.Option("--raw", help="Also write NAME.METHOD.npy: the unnormalised float32 maps, "
-                           "tokens × grid × grid (with --per-head also NAME.METHOD.heads.npy, tokens × heads × grid × grid).")
+        bool,
+        typer.Option(
+            "--raw",
+            help="Also write NAME.METHOD.npy: the unnormalised float32 maps, "
+            "tokens × grid × grid (with --per-head also NAME.METHOD.heads.npy, tokens × heads × grid × grid).",
+        ),
     ] = False,
     top: TopOpt = 5,
     force: ForceOpt = False,
     format_: Annotated[
         ExplainFormat | None,
-        typer.Option("--format", "-F", help="table, json or jsonl (default: a table on a terminal, JSON lines "
-                     "when piped): one record per image with its files and top classes."),
+        typer.Option(
+            "--format",
+            "-F",
+            help="table, json or jsonl (default: a table on a terminal, JSON lines "
+            "when piped): one record per image with its files and top classes.",
+        ),
     ] = None,
     batch_size: BatchSizeOpt = 16,
     device: DeviceOpt = "auto",
@@ -101,10 +125,10 @@ def explain(
     extra = {"model": str(net.source)}
     total = len(items) if isinstance(items, list) else None
     with output.ProgressBar(show, "explaining", total) as bar:
-        results = engine.explain(net, items, method=method.value, per_head=per_head, top=top, device=device,
-                                 dtype=dtype, options=options)  # fmt: skip
-        written = engine.write_explanations(results, out_dir, raw=raw, force=force, names=names,
-                                            model=str(net.source))  # fmt: skip
+        results = engine.explain(
+            net, items, method=method.value, per_head=per_head, top=top, device=device, dtype=dtype, options=options
+        )
+        written = engine.write_explanations(results, out_dir, raw=raw, force=force, names=names, model=str(net.source))
         code = _render(bar.wrap(written), fmt, extra, before_table=bar.stop)
     if not quiet:
         output.info(f"wrote the pictures to {out_dir}")
@@ -137,8 +161,12 @@ def _table(results: list) -> None:
             table.add_row(escape(r.path), "", "[red]error[/]", f"[red]{escape(r.error)}[/]")
             continue
         best = r.predictions[0] if r.predictions else None
-        table.add_row(escape(r.path), escape(r.files.get("png", "")), escape(best.label) if best else "(no head)",
-                      f"{best.score * 100:.1f}%" if best else "")  # fmt: skip
+        table.add_row(
+            escape(r.path),
+            escape(r.files.get("png", "")),
+            escape(best.label) if best else "(no head)",
+            f"{best.score * 100:.1f}%" if best else "",
+        )
     output.stdout_console().print(table)
 
 

@@ -18,17 +18,29 @@ from .options import ForceOpt, FormatOpt, HeadOpt, JsonOpt, QuietOpt
 def export(
     src: Annotated[str, typer.Argument(help="Checkpoint file, model directory, registry name or hub repo id.")],
     dst: Annotated[Path, typer.Argument(help="The ONNX file to write (DST.onnx).")],
-    dtype: Annotated[str, typer.Option("--dtype", help="Stored and computed precision: fp32 or fp16 "
-                                       "(inputs and outputs stay float32).")] = "fp32",  # fmt: skip
+    dtype: Annotated[
+        str,
+        typer.Option("--dtype", help="Stored and computed precision: fp32 or fp16 (inputs and outputs stay float32)."),
+    ] = "fp32",
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset to write (17 or later).")] = DEFAULT_OPSET,
-    image_size: Annotated[int | None, typer.Option("--image-size", min=1, help="Input size of the graph "
-                          "(position embeddings resampled; default: the model's).")] = None,  # fmt: skip
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            "--image-size", min=1, help="Input size of the graph (position embeddings resampled; default: the model's)."
+        ),
+    ] = None,
     head: HeadOpt = None,
     features: Annotated[bool, typer.Option("--features", help="Output pooled features instead of logits.")] = False,
-    pool: Annotated[Pool | None, typer.Option("--pool", help="With --features: token (default), avg, cls, dist "
-                    "or tokens, as extract-features.")] = None,  # fmt: skip
-    tolerance: Annotated[float | None, typer.Option("--tolerance", help="Largest allowed difference from deit's "
-                         "outputs in the check (default: by dtype).")] = None,  # fmt: skip
+    pool: Annotated[
+        Pool | None,
+        typer.Option("--pool", help="With --features: token (default), avg, cls, dist or tokens, as extract-features."),
+    ] = None,
+    tolerance: Annotated[
+        float | None,
+        typer.Option(
+            "--tolerance", help="Largest allowed difference from deit's outputs in the check (default: by dtype)."
+        ),
+    ] = None,
     force: ForceOpt = False,
     format_: FormatOpt = None,
     json_: JsonOpt = False,
@@ -48,9 +60,17 @@ def export(
     if not quiet and output.show_progress():
         output.info(f"exporting {src} to {dst} (opset {opset}, {dtype}) and checking it with onnxruntime...")
     result = run_export(
-        src, dst, dtype=dtype, opset=opset, image_size=image_size, head=getattr(head, "value", head),
-        features=features, pool=getattr(pool, "value", pool), force=force, tolerance=tolerance,
-    )  # fmt: skip
+        src,
+        dst,
+        dtype=dtype,
+        opset=opset,
+        image_size=image_size,
+        head=getattr(head, "value", head),
+        features=features,
+        pool=getattr(pool, "value", pool),
+        force=force,
+        tolerance=tolerance,
+    )
     if fmt != "table":
         output.write_document(asdict(result), fmt)
         return

@@ -18,9 +18,21 @@ from ..errors import UsageError
 from . import output
 from .inputs import image_options, load, positioned, prefetch, read_inputs, wants_progress
 from .options import (
-    DEFAULT_MODEL_NAME, AllowTruncatedOpt, BatchSizeOpt, CropPctOpt, DeviceOpt, DtypeOpt, ForceOpt, InputsArg,
-    ModelOpt, NoExifOpt, NullOpt, QuietOpt, ResizeOpt, WorkersOpt,
-)  # fmt: skip
+    DEFAULT_MODEL_NAME,
+    AllowTruncatedOpt,
+    BatchSizeOpt,
+    CropPctOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    InputsArg,
+    ModelOpt,
+    NoExifOpt,
+    NullOpt,
+    QuietOpt,
+    ResizeOpt,
+    WorkersOpt,
+)
 
 
 class OutFormat(str, Enum):
@@ -106,8 +118,11 @@ def extract_features(
         meta = {"model": str(net.source), "pool": chosen, "normalize": normalize}
         write = partial(_write, out=out, fmt=fmt, shape=shape, stored=stored, meta=meta, quiet=quiet)
         with output.ProgressBar(show, "extracting", len(items) if isinstance(items, list) else None) as bar:
-            results = bar.wrap(engine.extract_features(net, items, pool=chosen, normalize=normalize, device=device,
-                                                       dtype=dtype, options=options))  # fmt: skip
+            results = bar.wrap(
+                engine.extract_features(
+                    net, items, pool=chosen, normalize=normalize, device=device, dtype=dtype, options=options
+                )
+            )
             if not distributed.is_distributed():
                 code = write(results)
             else:
@@ -131,8 +146,15 @@ def _write(results: Iterable, *, out: Path | None, fmt: str, shape, stored: str,
             output.write_jsonl(engine.feature_record(r, stored))
         return tally.exit_code()
     codes: list[int] = []
-    rows = engine.write_features(counted, out, fmt=fmt, shape=shape, out_dtype=stored, metadata=meta,
-                                 before_commit=lambda: codes.append(tally.exit_code()))  # fmt: skip
+    rows = engine.write_features(
+        counted,
+        out,
+        fmt=fmt,
+        shape=shape,
+        out_dtype=stored,
+        metadata=meta,
+        before_commit=lambda: codes.append(tally.exit_code()),
+    )
     if not quiet:
         dims = "×".join(map(str, shape))
         where = f" (paths in {engine.sidecar_path(out)})" if fmt == "npy" else ""

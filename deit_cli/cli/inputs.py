@@ -19,9 +19,13 @@ if TYPE_CHECKING:
 
 
 def image_options(
-    batch_size: int, workers: int | None, crop_pct: float | None, resize: Resize | str | None, no_exif: bool,
+    batch_size: int,
+    workers: int | None,
+    crop_pct: float | None,
+    resize: Resize | str | None,
+    no_exif: bool,
     allow_truncated: bool,
-) -> ImageOptions:  # fmt: skip
+) -> ImageOptions:
     from ..engine.results import ImageOptions
 
     if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
@@ -29,8 +33,14 @@ def image_options(
     resize = resize.value if isinstance(resize, Resize) else resize
     if resize is not None and resize not in ("shorter", "squash"):
         raise UsageError(f"unknown --resize {resize!r}; use shorter or squash")
-    return ImageOptions(batch_size=batch_size, workers=workers, crop_pct=crop_pct, resize_mode=resize,
-                        exif_transpose=not no_exif, allow_truncated=allow_truncated)  # fmt: skip
+    return ImageOptions(
+        batch_size=batch_size,
+        workers=workers,
+        crop_pct=crop_pct,
+        resize_mode=resize,
+        exif_transpose=not no_exif,
+        allow_truncated=allow_truncated,
+    )
 
 
 def read_inputs(specs: list[str], *, null_separated: bool) -> Iterable:

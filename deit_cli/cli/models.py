@@ -40,14 +40,30 @@ def models(format_: FormatOpt = None, json_: JsonOpt = False, quiet: QuietOpt = 
     from rich.table import Table
 
     table = Table(title="DeiT models (ImageNet-1k, published numbers)" if not quiet else None, title_justify="left")
-    for col, justify in [("name", "left"), ("alias", "left"), ("params (M)", "right"), ("GMACs", "right"),
-                         ("res", "right"), ("top-1", "right"), ("top-5", "right"), ("hub repo", "left"),
-                         ("cached", "center")]:  # fmt: skip
+    for col, justify in [
+        ("name", "left"),
+        ("alias", "left"),
+        ("params (M)", "right"),
+        ("GMACs", "right"),
+        ("res", "right"),
+        ("top-1", "right"),
+        ("top-5", "right"),
+        ("hub repo", "left"),
+        ("cached", "center"),
+    ]:
         table.add_column(col, justify=justify)
     for r in rows:
-        table.add_row(r["name"], ", ".join(r["aliases"]), f"{r['params_m']:.2f}", f"{r['gmacs']:.2f}",
-                      str(r["image_size"]), f"{r['top1']:.1f}", f"{r['top5']:.1f}", r["hub_repo"],
-                      "yes" if r["cached"] else "")  # fmt: skip
+        table.add_row(
+            r["name"],
+            ", ".join(r["aliases"]),
+            f"{r['params_m']:.2f}",
+            f"{r['gmacs']:.2f}",
+            str(r["image_size"]),
+            f"{r['top1']:.1f}",
+            f"{r['top5']:.1f}",
+            r["hub_repo"],
+            "yes" if r["cached"] else "",
+        )
     output.stdout_console().print(table)
 
 

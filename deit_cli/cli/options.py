@@ -22,11 +22,12 @@ def _enum(name: str, values) -> type[Enum]:
 ModelOpt = Annotated[
     str,
     typer.Option(
-        "--model", "-m",
+        "--model",
+        "-m",
         help="Registry name or alias (see `deit models`), hub repo id[@revision], model directory or checkpoint file.",
         autocompletion=_complete_model,
     ),
-]  # fmt: skip
+]
 DEFAULT_MODEL_NAME = DEFAULT_MODEL
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute precision: fp32, bf16 or fp16.")]
@@ -37,9 +38,10 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress, note
 Format = _enum("Format", ("table", "json", "jsonl", "csv", "tsv"))
 FormatOpt = Annotated[
     Format | None,
-    typer.Option("--format", "-F", help="table, json, jsonl, csv or tsv (default: a table on a terminal, "
-                 "records when piped)."),
-]  # fmt: skip
+    typer.Option(
+        "--format", "-F", help="table, json, jsonl, csv or tsv (default: a table on a terminal, records when piped)."
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="The same as --format json.")]
 
 # Batching: --batch-size and --batch are one option everywhere.

@@ -107,8 +107,13 @@ def write_jsonl(obj: Any) -> None:
     write_line(json.dumps(obj, ensure_ascii=False))
 
 
-def choose_format(fmt: Any, json_: bool = False, *, per_item: bool,
-                  allowed: tuple[str, ...] = ("table", "json", "jsonl", "csv", "tsv")) -> str:  # fmt: skip
+def choose_format(
+    fmt: Any,
+    json_: bool = False,
+    *,
+    per_item: bool,
+    allowed: tuple[str, ...] = ("table", "json", "jsonl", "csv", "tsv"),
+) -> str:
     """The output format of a command: what --format (or --json) says; otherwise a table on
     a terminal and, when stdout is piped, JSON lines for per-item records (`per_item`) or
     one JSON document for a summary."""
@@ -164,8 +169,13 @@ def write_rows(rows: Iterable[dict], *, delimiter: str = ",", fieldnames: list[s
     writer = None
     for row in rows:
         if writer is None:
-            writer = csv.DictWriter(sys.stdout, fieldnames=fieldnames or list(row), delimiter=delimiter,
-                                    lineterminator="\n", extrasaction="ignore")
+            writer = csv.DictWriter(
+                sys.stdout,
+                fieldnames=fieldnames or list(row),
+                delimiter=delimiter,
+                lineterminator="\n",
+                extrasaction="ignore",
+            )
             writer.writeheader()
         writer.writerow({k: _cell(v) for k, v in row.items()})
         sys.stdout.flush()
@@ -192,7 +202,7 @@ class ProgressBar:
             ProgressColumn,
             TextColumn,
             TimeRemainingColumn,
-        )  # fmt: skip
+        )
         from rich.text import Text
 
         class Rate(ProgressColumn):
@@ -204,9 +214,15 @@ class ProgressBar:
 
         # redirect_stdout would send stdout's data through the stderr console: never.
         self._progress = Progress(
-            TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
-            TimeRemainingColumn(), console=stderr, transient=True, redirect_stdout=False,
-        )  # fmt: skip
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            Rate(),
+            TimeRemainingColumn(),
+            console=stderr,
+            transient=True,
+            redirect_stdout=False,
+        )
         self._task = self._progress.add_task(description, total=total)
 
     def __enter__(self) -> ProgressBar:

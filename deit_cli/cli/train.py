@@ -37,69 +37,139 @@ class Distillation(str, Enum):
 
 
 def train(
-    data: Annotated[str, typer.Argument(
-        metavar="DATA", show_default=False,
-        help="Class-folder tree (with train/ and val/ inside, or one tree and --val-split), a CSV/TSV list "
-             "(`path,label`; `a|b` for several) or JSON lines ({\"image_url\" or \"path\": ..., \"label\": ... or "
-             "[...]}).")],
-    run_dir: Annotated[Path, typer.Option("--output", "-o", show_default=False,
-                                          help="The run directory (model.safetensors, checkpoint.pt, ...).")],
+    data: Annotated[
+        str,
+        typer.Argument(
+            metavar="DATA",
+            show_default=False,
+            help="Class-folder tree (with train/ and val/ inside, or one tree and --val-split), a CSV/TSV list "
+            '(`path,label`; `a|b` for several) or JSON lines ({"image_url" or "path": ..., "label": ... or '
+            "[...]}).",
+        ),
+    ],
+    run_dir: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", show_default=False, help="The run directory (model.safetensors, checkpoint.pt, ...)."
+        ),
+    ],
     model: ModelOpt = DEFAULT_MODEL_NAME,
-    scratch: Annotated[bool, typer.Option("--scratch", help="Start from random weights with --model's architecture.")] = False,
-    config: Annotated[Path | None, typer.Option("--config", help="A DeiTConfig as JSON: the architecture for --scratch "
-                                                         "(implies it).")] = None,
-    image_size: Annotated[int | None, typer.Option("--image-size", min=1, help="Train at this size (position "
-                                                                       "embeddings resampled).")] = None,
-    recipe: Annotated[RecipeName | None, typer.Option("--recipe", help="Defaults for every flag below: scratch, "
-                      "finetune (default from pretrained weights) or plain (nothing random but the data order).")] = None,
+    scratch: Annotated[
+        bool, typer.Option("--scratch", help="Start from random weights with --model's architecture.")
+    ] = False,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="A DeiTConfig as JSON: the architecture for --scratch (implies it).")
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option("--image-size", min=1, help="Train at this size (position embeddings resampled).")
+    ] = None,
+    recipe: Annotated[
+        RecipeName | None,
+        typer.Option(
+            "--recipe",
+            help="Defaults for every flag below: scratch, "
+            "finetune (default from pretrained weights) or plain (nothing random but the data order).",
+        ),
+    ] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Epochs (recipe: 300 / 30 / 10).")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", "--batch", "-b", min=1,
-                          help="The GLOBAL batch, split across processes under torchrun (timm's is per GPU), "
-                               "so any number of processes trains the same model.")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate, as is (default: the recipe's base rate "
-                                                  "x batch/512).")] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            "--batch",
+            "-b",
+            min=1,
+            help="The GLOBAL batch, split across processes under torchrun (timm's is per GPU), "
+            "so any number of processes trains the same model.",
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option("--lr", help="Peak learning rate, as is (default: the recipe's base rate x batch/512)."),
+    ] = None,
     min_lr: Annotated[float | None, typer.Option("--min-lr", help="Where the cosine schedule ends.")] = None,
-    warmup_epochs: Annotated[float | None, typer.Option("--warmup-epochs", help="Linear warm-up, in epochs (0: the first "
-                                                                        "step uses the full --lr).")] = None,
+    warmup_epochs: Annotated[
+        float | None,
+        typer.Option("--warmup-epochs", help="Linear warm-up, in epochs (0: the first step uses the full --lr)."),
+    ] = None,
     warmup_lr: Annotated[float | None, typer.Option("--warmup-lr", help="Where the warm-up starts.")] = None,
-    weight_decay: Annotated[float | None, typer.Option("--weight-decay", help="AdamW decay (weights of 2+ dimensions "
-                                                                      "only).")] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option("--weight-decay", help="AdamW decay (weights of 2+ dimensions only).")
+    ] = None,
     smoothing: Annotated[float | None, typer.Option("--smoothing", help="Label smoothing.")] = None,
     mixup: Annotated[float | None, typer.Option("--mixup", help="Mixup alpha (0: off).")] = None,
     cutmix: Annotated[float | None, typer.Option("--cutmix", help="CutMix alpha (0: off).")] = None,
     reprob: Annotated[float | None, typer.Option("--reprob", help="Random-erasing probability.")] = None,
     drop_path: Annotated[float | None, typer.Option("--drop-path", help="Stochastic-depth rate.")] = None,
-    repeated_aug: Annotated[int | None, typer.Option("--repeated-aug", min=1, help="Repeated augmentation: copies of "
-                                                                           "each image per epoch.")] = None,
-    model_ema: Annotated[bool | None, typer.Option("--model-ema/--no-model-ema", help="Keep an EMA of the weights "
-                                           "(saved as model.safetensors).", show_default=False)] = None,
-    model_ema_decay: Annotated[float | None, typer.Option("--model-ema-decay", help="EMA decay per step "
-                                                  "(recipe: 0.99996).")] = None,
+    repeated_aug: Annotated[
+        int | None, typer.Option("--repeated-aug", min=1, help="Repeated augmentation: copies of each image per epoch.")
+    ] = None,
+    model_ema: Annotated[
+        bool | None,
+        typer.Option(
+            "--model-ema/--no-model-ema",
+            help="Keep an EMA of the weights (saved as model.safetensors).",
+            show_default=False,
+        ),
+    ] = None,
+    model_ema_decay: Annotated[
+        float | None, typer.Option("--model-ema-decay", help="EMA decay per step (recipe: 0.99996).")
+    ] = None,
     clip_grad: Annotated[float | None, typer.Option("--clip-grad", help="Clip the gradient norm to this.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the data order, augmentation and initialisation.")] = 0,
-    teacher: Annotated[str | None, typer.Option("--teacher", help="A deit model source, or torchvision:NAME / timm:NAME "
-                                                          "with --teacher-weights.")] = None,
-    teacher_weights: Annotated[Path | None, typer.Option("--teacher-weights", help="The teacher's state dict (read with "
-                                                 "the safe loader; same classes as the data).")] = None,
-    distillation: Annotated[Distillation | None, typer.Option("--distillation", help="none, soft or hard (default: hard "
-                                                                             "with a teacher).")] = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option("--teacher", help="A deit model source, or torchvision:NAME / timm:NAME with --teacher-weights."),
+    ] = None,
+    teacher_weights: Annotated[
+        Path | None,
+        typer.Option(
+            "--teacher-weights", help="The teacher's state dict (read with the safe loader; same classes as the data)."
+        ),
+    ] = None,
+    distillation: Annotated[
+        Distillation | None, typer.Option("--distillation", help="none, soft or hard (default: hard with a teacher).")
+    ] = None,
     alpha: Annotated[float, typer.Option("--alpha", help="Weight of the distillation loss.")] = 0.5,
     tau: Annotated[float, typer.Option("--tau", help="Temperature of soft distillation.")] = 1.0,
-    multi_label: Annotated[bool, typer.Option("--multi-label", help="Any number of labels per image (JSONL \"label\": [...], "
-                                      "CSV `a|b`; implied by such lists): sigmoid scores, BCE loss, mAP/F1/IoU.")] = False,
-    threshold: Annotated[float | None, typer.Option("--threshold", help="Multi-label: a label is predicted at or above this "
-                                            "score (validation F1/IoU; saved with the model).  [default: 0.5]",
-                                            show_default=False)] = None,
+    multi_label: Annotated[
+        bool,
+        typer.Option(
+            "--multi-label",
+            help='Any number of labels per image (JSONL "label": [...], '
+            "CSV `a|b`; implied by such lists): sigmoid scores, BCE loss, mAP/F1/IoU.",
+        ),
+    ] = False,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--threshold",
+            help="Multi-label: a label is predicted at or above this "
+            "score (validation F1/IoU; saved with the model).  [default: 0.5]",
+            show_default=False,
+        ),
+    ] = None,
     val: Annotated[str | None, typer.Option("--val", help="A validation set (same forms as DATA).")] = None,
-    val_split: Annotated[float | None, typer.Option("--val-split", help="Hold out this fraction of DATA, per class, "
-                                                                "for validation (deterministic).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in RUN_DIR with its saved settings (with --epochs: up to that many).")] = False,
+    val_split: Annotated[
+        float | None,
+        typer.Option("--val-split", help="Hold out this fraction of DATA, per class, for validation (deterministic)."),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Continue the run in RUN_DIR with its saved settings (with --epochs: up to that many)."
+        ),
+    ] = False,
     force: ForceOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32",
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the student.")] = False,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Split each batch into this many passes "
-                                                                "(less memory, the same step).")] = 1,
+    grad_accum: Annotated[
+        int,
+        typer.Option(
+            "--grad-accum", min=1, help="Split each batch into this many passes (less memory, the same step)."
+        ),
+    ] = 1,
     workers: WorkersOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -132,18 +202,51 @@ def train(
             raise UsageError(f"{config}: not a DeiTConfig ({e})") from None
         scratch = True
     name = recipe.value if recipe else ("scratch" if scratch else "finetune")
-    overrides = dict(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
-                     warmup_lr=warmup_lr, weight_decay=weight_decay, smoothing=smoothing, mixup=mixup, cutmix=cutmix,
-                     reprob=reprob, drop_path=drop_path, repeated_aug=repeated_aug, model_ema=model_ema,
-                     ema_decay=model_ema_decay, clip_grad=clip_grad)  # fmt: skip
+    overrides = dict(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        min_lr=min_lr,
+        warmup_epochs=warmup_epochs,
+        warmup_lr=warmup_lr,
+        weight_decay=weight_decay,
+        smoothing=smoothing,
+        mixup=mixup,
+        cutmix=cutmix,
+        reprob=reprob,
+        drop_path=drop_path,
+        repeated_aug=repeated_aug,
+        model_ema=model_ema,
+        ema_decay=model_ema_decay,
+        clip_grad=clip_grad,
+    )
     opts = TrainOptions(
-        data=data, run_dir=run_dir, recipe=resolve_recipe(name, overrides), model=model, scratch=scratch, config=cfg,
-        image_size=image_size, teacher=teacher, teacher_weights=str(teacher_weights) if teacher_weights else None,
-        distillation=distillation.value if distillation else None, alpha=alpha, tau=tau, val=val,
-        val_split=val_split, resume=resume, force=force, device=device, dtype=dtype, compile=compile_,
-        grad_accum=grad_accum, workers=workers, seed=seed, resume_epochs=epochs if resume else None,
-        multi_label=multi_label, threshold=threshold,
-    )  # fmt: skip
+        data=data,
+        run_dir=run_dir,
+        recipe=resolve_recipe(name, overrides),
+        model=model,
+        scratch=scratch,
+        config=cfg,
+        image_size=image_size,
+        teacher=teacher,
+        teacher_weights=str(teacher_weights) if teacher_weights else None,
+        distillation=distillation.value if distillation else None,
+        alpha=alpha,
+        tau=tau,
+        val=val,
+        val_split=val_split,
+        resume=resume,
+        force=force,
+        device=device,
+        dtype=dtype,
+        compile=compile_,
+        grad_accum=grad_accum,
+        workers=workers,
+        seed=seed,
+        resume_epochs=epochs if resume else None,
+        multi_label=multi_label,
+        threshold=threshold,
+    )
     output.set_batch_size(opts.recipe.batch_size)
     main = distributed.is_main()
     events = _Events(bar=main and not quiet and output.show_progress(), quiet=quiet or not main)
@@ -156,12 +259,13 @@ def train(
     elif main and not quiet:
         best = summary.get("best_val_top1")
         best_map = summary.get("best_val_map")
-        output.info(f"trained {summary['epochs']} epochs ({summary['steps']} steps) in {summary['seconds']:.1f} s"
-                    + (f"; best val top-1 {best:.2f}% (epoch {summary['best_epoch']})" if best is not None else "")
-                    + (f"; best val mAP {best_map:.4f} (epoch {summary['best_epoch']})" if best_map is not None
-                       else "")
-                    + (f"; multi-label, threshold {summary['threshold']:g}" if summary.get("multi_label") else "")
-                    + f"; model: {summary['model']}")  # fmt: skip
+        output.info(
+            f"trained {summary['epochs']} epochs ({summary['steps']} steps) in {summary['seconds']:.1f} s"
+            + (f"; best val top-1 {best:.2f}% (epoch {summary['best_epoch']})" if best is not None else "")
+            + (f"; best val mAP {best_map:.4f} (epoch {summary['best_epoch']})" if best_map is not None else "")
+            + (f"; multi-label, threshold {summary['threshold']:g}" if summary.get("multi_label") else "")
+            + f"; model: {summary['model']}"
+        )
 
 
 class _Events:
@@ -190,10 +294,15 @@ class _Events:
 
         self.close()
         self._progress = Progress(
-            TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=output.stderr, transient=True,
+            TextColumn(f"epoch {epoch + 1}/{epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            console=output.stderr,
+            transient=True,
             redirect_stdout=False,
-        )  # fmt: skip
+        )
         self._task = self._progress.add_task("train", total=steps, completed=start_step, info="")
         self._started, self._images = time.perf_counter(), 0
         self._progress.start()
@@ -213,11 +322,14 @@ class _Events:
         if record.get("val_top1") is not None:
             parts.append(f"val top-1 {record['val_top1']:.2f}%")
         if record.get("val_map") is not None:
+
             def num(key: str) -> str:
                 return "-" if record.get(key) is None else f"{record[key]:.3f}"
 
-            parts.append(f"val mAP {num('val_map')}  F1 {num('val_f1_micro')}/{num('val_f1_macro')}  "
-                         f"IoU {num('val_iou_micro')}/{num('val_iou_macro')} (micro/macro @ {record['val_threshold']:g})")
+            parts.append(
+                f"val mAP {num('val_map')}  F1 {num('val_f1_micro')}/{num('val_f1_macro')}  "
+                f"IoU {num('val_iou_micro')}/{num('val_iou_macro')} (micro/macro @ {record['val_threshold']:g})"
+            )
         parts += [f"{record['images_per_s']:.1f} img/s", f"{record['seconds']:.1f} s"]
         if record.get("skipped"):
             shown = "; ".join(record["skipped_images"][:3])

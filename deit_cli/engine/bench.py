@@ -33,13 +33,25 @@ from .runner import DTYPE_NAMES, prepare, resolve_device, resolve_dtype
 # Dense tensor-core peaks in TFLOP/s from the vendors' data sheets (SXM parts where
 # there are two), by (device-name fragment, dtype); fp32 is the non-tensor-core rate.
 KNOWN_PEAKS: dict[tuple[str, str], float] = {
-    ("H200", "bf16"): 989.0, ("H200", "fp16"): 989.0, ("H200", "fp32"): 67.0,
-    ("H100 PCIe", "bf16"): 756.0, ("H100 PCIe", "fp16"): 756.0, ("H100 PCIe", "fp32"): 51.0,
-    ("H100", "bf16"): 989.0, ("H100", "fp16"): 989.0, ("H100", "fp32"): 67.0,
-    ("A100", "bf16"): 312.0, ("A100", "fp16"): 312.0, ("A100", "fp32"): 19.5,
-    ("L4", "bf16"): 121.0, ("L4", "fp16"): 121.0, ("L4", "fp32"): 30.3,
-    ("A10", "bf16"): 125.0, ("A10", "fp16"): 125.0, ("A10", "fp32"): 31.2,
-}  # fmt: skip
+    ("H200", "bf16"): 989.0,
+    ("H200", "fp16"): 989.0,
+    ("H200", "fp32"): 67.0,
+    ("H100 PCIe", "bf16"): 756.0,
+    ("H100 PCIe", "fp16"): 756.0,
+    ("H100 PCIe", "fp32"): 51.0,
+    ("H100", "bf16"): 989.0,
+    ("H100", "fp16"): 989.0,
+    ("H100", "fp32"): 67.0,
+    ("A100", "bf16"): 312.0,
+    ("A100", "fp16"): 312.0,
+    ("A100", "fp32"): 19.5,
+    ("L4", "bf16"): 121.0,
+    ("L4", "fp16"): 121.0,
+    ("L4", "fp32"): 30.3,
+    ("A10", "bf16"): 125.0,
+    ("A10", "fp16"): 125.0,
+    ("A10", "fp32"): 31.2,
+}
 
 
 @dataclass(frozen=True)
@@ -332,10 +344,17 @@ def run_bench(spec: BenchSpec, *, note: Callable[[str], None] | None = None) -> 
         note("--compare measures the model on in-memory batches; the end-to-end rows are deit's only")
 
     common = dict(
-        model=name, device=str(device), device_name=device_name(device),
-        params=sum(p.numel() for p in model.parameters()), gmacs_per_image=model.config.macs_per_image() / 1e9, compile=spec.compile, threads=torch.get_num_threads(),
-        torch=torch.__version__, warmup=spec.warmup, reps=spec.reps,
-    )  # fmt: skip
+        model=name,
+        device=str(device),
+        device_name=device_name(device),
+        params=sum(p.numel() for p in model.parameters()),
+        gmacs_per_image=model.config.macs_per_image() / 1e9,
+        compile=spec.compile,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        warmup=spec.warmup,
+        reps=spec.reps,
+    )
     for dtype in dtypes:
         runner = prepare(model, device=device, dtype=dtype, compile=spec.compile)
         peer_fns = {p: peer_fn(p, net, device, dtype, spec.compile) for p, net in peers.items()}
@@ -349,8 +368,9 @@ def run_bench(spec: BenchSpec, *, note: Callable[[str], None] | None = None) -> 
                     rows = list(_measure(spec, impls, batch, dtype, device, common, runner))
             except Exception as e:
                 if is_out_of_memory(e):
-                    raise OutOfMemory(f"out of memory at batch size {batch} ({DTYPE_NAMES[dtype]}, {device})",
-                                      batch_size=batch) from e  # fmt: skip
+                    raise OutOfMemory(
+                        f"out of memory at batch size {batch} ({DTYPE_NAMES[dtype]}, {device})", batch_size=batch
+                    ) from e
                 raise
             if spec.end_to_end:
                 yield row
@@ -384,7 +404,7 @@ def _measure(spec, impls, batch, dtype, device, common, runner) -> Iterator[Benc
     # Timed repetitions, interleaved, starting with a different one each round. Memory
     # was measured in the warm-up: it is the same work, and measuring here would time it.
     for r in range(spec.reps):
-        for impl in impls[r % len(impls):] + impls[: r % len(impls)]:
+        for impl in impls[r % len(impls) :] + impls[: r % len(impls)]:
             total, lat = timer.run(impl.fn, x, impl.iters)
             impl.ips.append(batch * impl.iters / total)
             impl.lat.extend(lat)
@@ -401,14 +421,29 @@ def _row(spec, impl: _Impl, batch, dtype, common, memory_kind, ratio, **extra) -
     peak = spec.peak_tflops or known_peak(common["device_name"], dt)
     tflops = 2 * common["gmacs_per_image"] * 1e9 * ips / 1e12
     return BenchRow(
-        **common, impl=impl.name, mode="end-to-end" if spec.end_to_end else "model", dtype=dt, batch=batch,
-        images_per_s=ips, images_per_s_min=min(impl.ips), images_per_s_max=max(impl.ips),
+        **common,
+        impl=impl.name,
+        mode="end-to-end" if spec.end_to_end else "model",
+        dtype=dt,
+        batch=batch,
+        images_per_s=ips,
+        images_per_s_min=min(impl.ips),
+        images_per_s_max=max(impl.ips),
         ms_per_batch=1e3 * batch / ips,
-        latency_ms_p50=percentile(impl.lat, 50), latency_ms_p90=percentile(impl.lat, 90),
-        latency_ms_p99=percentile(impl.lat, 99), peak_memory_mb=impl.mem, memory=memory_kind,
-        tflops=tflops, peak_tflops=peak, pct_of_peak=100 * tflops / peak if peak else None,
-        deit_speedup=ratio, path=impl.path, iters=impl.iters, max_abs_diff=impl.diff, **extra,
-    )  # fmt: skip
+        latency_ms_p50=percentile(impl.lat, 50),
+        latency_ms_p90=percentile(impl.lat, 90),
+        latency_ms_p99=percentile(impl.lat, 99),
+        peak_memory_mb=impl.mem,
+        memory=memory_kind,
+        tflops=tflops,
+        peak_tflops=peak,
+        pct_of_peak=100 * tflops / peak if peak else None,
+        deit_speedup=ratio,
+        path=impl.path,
+        iters=impl.iters,
+        max_abs_diff=impl.diff,
+        **extra,
+    )
 
 
 def _end_to_end(spec: BenchSpec, runner, batch: int, dtype, common) -> BenchRow:

@@ -55,8 +55,21 @@ __all__ = [
 LABEL_KINDS = ("wnid", "index", "name")  # also the preference when several agree
 _WNID = re.compile(r"n\d{8}")
 _PATH_HEADERS = {"path", "file", "filename", "file_name", "filepath", "image", "image_path", "img", "relpath"}
-_LABEL_HEADERS = {"label", "labels", "class", "class_id", "class_index", "class_name", "target", "wnid",
-                  "synset", "category", "label_index", "index", "name"}  # fmt: skip
+_LABEL_HEADERS = {
+    "label",
+    "labels",
+    "class",
+    "class_id",
+    "class_index",
+    "class_name",
+    "target",
+    "wnid",
+    "synset",
+    "category",
+    "label_index",
+    "index",
+    "name",
+}
 
 
 class LabelError(DeiTError):
@@ -187,8 +200,9 @@ def read_label_list(path: str | os.PathLike) -> list[tuple[str, str | list[str],
     except OSError as e:
         raise input_error(path, e) from None
 
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1)
-             if line.strip() and not line.lstrip().startswith("#")]  # fmt: skip
+    lines = [
+        (n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip() and not line.lstrip().startswith("#")
+    ]
     if not lines:
         return []
     ext = os.path.splitext(path)[1].lower()
@@ -207,8 +221,9 @@ def read_label_list(path: str | os.PathLike) -> list[tuple[str, str | list[str],
     head = [f.lower() for f in rows[0][1]]
     if any(f in _PATH_HEADERS for f in head) or (len(head) > 1 and head[1] in _LABEL_HEADERS):
         path_col = next((i for i, f in enumerate(head) if f in _PATH_HEADERS), 0)
-        label_col = next((i for i, f in enumerate(head) if f in _LABEL_HEADERS and i != path_col),
-                         1 if path_col == 0 else 0)  # fmt: skip
+        label_col = next(
+            (i for i, f in enumerate(head) if f in _LABEL_HEADERS and i != path_col), 1 if path_col == 0 else 0
+        )
         rows = rows[1:]
     out: list[tuple[str, str | list[str], int]] = []
     multi = any("|" in f[label_col] for _, f in rows if len(f) > label_col)
@@ -224,16 +239,18 @@ def _jsonl_row(path: str, n: int, line: str) -> tuple[str, str | list[str], int]
     try:
         rec = json.loads(line)
     except json.JSONDecodeError as e:
-        raise LabelError(f"{path}, line {n}: not JSON ({e.msg})", 'one {"image_url": ..., "label": ...} per line') from None
+        raise LabelError(
+            f"{path}, line {n}: not JSON ({e.msg})", 'one {"image_url": ..., "label": ...} per line'
+        ) from None
     image = rec.get("image_url", rec.get("path")) if isinstance(rec, dict) else None
     label = rec.get("label") if isinstance(rec, dict) else None
     if not isinstance(image, str) or not image:
-        raise LabelError(f"{path}, line {n}: no image (an \"image_url\" or \"path\" string)")
+        raise LabelError(f'{path}, line {n}: no image (an "image_url" or "path" string)')
     if isinstance(label, list) and all(isinstance(x, str) and x for x in label):
         return image, list(label), n
     if isinstance(label, str) and label:
         return image, label, n
-    raise LabelError(f"{path}, line {n}: \"label\" must be a string or a list of strings")
+    raise LabelError(f'{path}, line {n}: "label" must be a string or a list of strings')
 
 
 def _scan_list(list_path: str, *, base: str) -> ScannedSet:
@@ -285,9 +302,13 @@ _KIND_WORDS = {"wnid": "WordNet ids", "index": "class indices", "name": "the mod
 
 
 def resolve_classes(
-    names: Sequence[str], labels: Sequence[str], *, label_by: str = "auto", what: str = "class folder",
+    names: Sequence[str],
+    labels: Sequence[str],
+    *,
+    label_by: str = "auto",
+    what: str = "class folder",
     where: Callable[[str], str] | None = None,
-) -> tuple[str, dict[str, int]]:  # fmt: skip
+) -> tuple[str, dict[str, int]]:
     """Match class names from a set to the model's classes: (kind, name -> class index).
 
     `label_by` "auto" picks the one kind (WordNet id, class index, label name) that
@@ -327,8 +348,7 @@ def resolve_classes(
                 "name them by class index or by the model's labels",
             )
         raise LabelError(
-            f"{what} names match neither WordNet ids, class indices (0-{n - 1}) nor the model's labels: "
-            f"{_few(names)}",
+            f"{what} names match neither WordNet ids, class indices (0-{n - 1}) nor the model's labels: {_few(names)}",
             f"the model's labels begin {_few(labels, 3)}",
         )
     unknown = [x for x in names if x not in found[best]]
@@ -338,7 +358,8 @@ def resolve_classes(
 def _unknown(unknown, kind, labels, what, where, total) -> LabelError:
     n = len(labels)
     shown = ", ".join(f"{x!r}{where(x)}" for x in unknown[:5]) + (
-        f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")  # fmt: skip
+        f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+    )
     plural = "s are" if len(unknown) > 1 else " is"
     matched = total - len(unknown)
     known = {
@@ -361,10 +382,13 @@ def labelled_set(scanned: ScannedSet, labels: Sequence[str], *, label_by: str = 
     kind, mapping = resolve_classes(scanned.class_names, labels, label_by=label_by, what=what, where=where)
     items = [item for item, _ in scanned.entries]
     if scanned.multi_label:
-        sets = [sorted({mapping[x] for x in (name if isinstance(name, list) else [name])}) if name is not None else []
-                for _, name in scanned.entries]  # fmt: skip
-        return LabelledSet(scanned.source, scanned.layout, kind, items, [-1] * len(items), mapping,
-                           list(scanned.empty_classes), sets)  # fmt: skip
+        sets = [
+            sorted({mapping[x] for x in (name if isinstance(name, list) else [name])}) if name is not None else []
+            for _, name in scanned.entries
+        ]
+        return LabelledSet(
+            scanned.source, scanned.layout, kind, items, [-1] * len(items), mapping, list(scanned.empty_classes), sets
+        )
     targets = [mapping[name] if name is not None else -1 for _, name in scanned.entries]
     return LabelledSet(scanned.source, scanned.layout, kind, items, targets, mapping, list(scanned.empty_classes))
 
@@ -373,7 +397,7 @@ def labelled_set(scanned: ScannedSet, labels: Sequence[str], *, label_by: str = 
 
 
 def parse_top(spec: str | Sequence[int], num_classes: int | None = None) -> tuple[int, ...]:
-    """"1,5" -> (1, 5): sorted, unique, each at least 1 (and at most `num_classes`)."""
+    """ "1,5" -> (1, 5): sorted, unique, each at least 1 (and at most `num_classes`)."""
     if isinstance(spec, str):
         try:
             ks = [int(p) for p in spec.replace(" ", "").split(",") if p]
@@ -406,13 +430,27 @@ def set_entries(lset: LabelledSet) -> list[tuple[int, InputItem, int]]:
 
 
 def iter_results(
-    model, entries: Sequence[tuple[int, InputItem, int]], *, top: int = 5, head: str | None = None,
-    device: str = "cpu", dtype: str | None = None, options: ImageOptions | None = None,
-) -> Iterator[ImageResult]:  # fmt: skip
+    model,
+    entries: Sequence[tuple[int, InputItem, int]],
+    *,
+    top: int = 5,
+    head: str | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    options: ImageOptions | None = None,
+) -> Iterator[ImageResult]:
     """Classify the (position, item, target) entries with the engine; one result per entry,
     in order. Failed images are results with an `error`."""
-    results = classify(model, (item for _, item, _ in entries), top=top, head=head, scores="prob",
-                       device=device, dtype=dtype, options=options or ImageOptions())  # fmt: skip
+    results = classify(
+        model,
+        (item for _, item, _ in entries),
+        top=top,
+        head=head,
+        scores="prob",
+        device=device,
+        dtype=dtype,
+        options=options or ImageOptions(),
+    )
     for r in results:
         position, _, target = entries[r.position]
         if not r.ok:
@@ -499,9 +537,13 @@ class EvalMetrics:
         return sorted(((t, p, c) for (t, p), c in self.confusions.items()), key=lambda x: (-x[2], x[0], x[1]))[:n]
 
     def to_dict(
-        self, labels: Sequence[str], *, classes: dict[str, int] | None = None, per_class: bool = False,
+        self,
+        labels: Sequence[str],
+        *,
+        classes: dict[str, int] | None = None,
+        per_class: bool = False,
         confused: int = 10,
-    ) -> dict:  # fmt: skip
+    ) -> dict:
         """The metrics as plain data (percentages, counts, lists), for JSON and summaries."""
         images = self.images
         out: dict = {"images": images, "failed": len(self.failed), "total": images + len(self.failed)}
@@ -532,9 +574,15 @@ class EvalMetrics:
 
 
 def evaluate(
-    model, lset: LabelledSet, *, ks: Sequence[int] = (1, 5), head: str | None = None, device: str = "cpu",
-    dtype: str | None = None, options: ImageOptions | None = None,
-) -> EvalMetrics:  # fmt: skip
+    model,
+    lset: LabelledSet,
+    *,
+    ks: Sequence[int] = (1, 5),
+    head: str | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    options: ImageOptions | None = None,
+) -> EvalMetrics:
     """Top-k accuracy of `model` on `lset`.
 
         lset = labelled_set(scan_set("imagenet/val"), model.labels)
@@ -550,21 +598,29 @@ def evaluate(
 
 
 def evaluation(
-    model, lset: LabelledSet, *, ks: Sequence[int] = (1, 5), head: str | None = None, device: str = "cpu",
-    dtype: str | None = None, options: ImageOptions | None = None,
-) -> tuple[EvalMetrics, Iterator[ImageResult]]:  # fmt: skip
+    model,
+    lset: LabelledSet,
+    *,
+    ks: Sequence[int] = (1, 5),
+    head: str | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    options: ImageOptions | None = None,
+) -> tuple[EvalMetrics, Iterator[ImageResult]]:
     """`evaluate` as it runs: this process's metrics, and its results, which add to the
     metrics as they are consumed (for a progress bar, or a predictions file on the way).
     Call `metrics.reduced()` once they are consumed."""
     check_kind(model, lset)
     metrics = EvalMetrics(model.config.num_classes, ks)
-    results = iter_results(model, set_entries(lset), top=max(ks), head=head, device=device, dtype=dtype,
-                           options=options)  # fmt: skip
+    results = iter_results(
+        model, set_entries(lset), top=max(ks), head=head, device=device, dtype=dtype, options=options
+    )
     return metrics, metrics.counting(results)
 
 
-def write_predictions(results: Iterable, labels: Sequence[str], path: Path | None, *,
-                      threshold: float | None = None) -> None:  # fmt: skip
+def write_predictions(
+    results: Iterable, labels: Sequence[str], path: Path | None, *, threshold: float | None = None
+) -> None:
     """Consume `results`, writing each image's record (`prediction_record`, or with a
     `threshold` the multi-label `scored_record`) to `path` as JSON lines (atomically; under
     torchrun rank 0 writes every rank's, in input order)."""
@@ -584,9 +640,15 @@ def write_predictions(results: Iterable, labels: Sequence[str], path: Path | Non
 
 
 def summary(
-    model, lset: LabelledSet, metrics: EvalMetrics, *, head: str | None = None, per_class: bool = False,
-    confused: int = 10, predictions: str | os.PathLike | None = None,
-) -> dict:  # fmt: skip
+    model,
+    lset: LabelledSet,
+    metrics: EvalMetrics,
+    *,
+    head: str | None = None,
+    per_class: bool = False,
+    confused: int = 10,
+    predictions: str | os.PathLike | None = None,
+) -> dict:
     """The whole result of an evaluation as one record: what `deit eval --json` prints."""
     out = {
         "model": str(model.source),
@@ -668,9 +730,14 @@ class ScoredImage(Result):
 
 
 def iter_scores(
-    model, lset: LabelledSet, *, head: str | None = None, device: str = "cpu", dtype: str | None = None,
+    model,
+    lset: LabelledSet,
+    *,
+    head: str | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
     options: ImageOptions | None = None,
-) -> Iterator[ScoredImage]:  # fmt: skip
+) -> Iterator[ScoredImage]:
     """This process's share of a multi-label set, each image with all its sigmoid scores."""
     entries = list(distributed.shard(list(enumerate(zip(lset.items, lset.target_sets or [])))))
     runner = prepare(model, device=device, dtype=dtype)
@@ -773,7 +840,9 @@ class MultiLabelMetrics:
         T, F, N = int(tp.sum()), int(fp.sum()), int(fn.sum())
         valid = [a for a in aps if a is not None]
         out: dict = {
-            "images": self.images, "failed": len(self.failed), "total": self.images + len(self.failed),
+            "images": self.images,
+            "failed": len(self.failed),
+            "total": self.images + len(self.failed),
             "threshold": self.threshold,
             "map": float(np.mean(valid)) if valid else None,
             "f1_micro": 2 * T / (2 * T + F + N) if T + F + N else None,
@@ -786,17 +855,31 @@ class MultiLabelMetrics:
         }
         if per_class:
             out["per_class"] = [
-                {"index": c, "label": labels[c], "positives": int(truth[:, c].sum()), "predicted": int(predicted[:, c].sum()),
-                 "ap": aps[c], "f1": float(f1[c]) if seen[c] else None, "iou": float(iou[c]) if seen[c] else None}
-                for c in range(self.num_classes) if truth[:, c].any() or predicted[:, c].any()
-            ]  # fmt: skip
+                {
+                    "index": c,
+                    "label": labels[c],
+                    "positives": int(truth[:, c].sum()),
+                    "predicted": int(predicted[:, c].sum()),
+                    "ap": aps[c],
+                    "f1": float(f1[c]) if seen[c] else None,
+                    "iou": float(iou[c]) if seen[c] else None,
+                }
+                for c in range(self.num_classes)
+                if truth[:, c].any() or predicted[:, c].any()
+            ]
         return out
 
 
 def multi_label_evaluation(
-    model, lset: LabelledSet, *, threshold: float | None = None, head: str | None = None, device: str = "cpu",
-    dtype: str | None = None, options: ImageOptions | None = None,
-) -> tuple[MultiLabelMetrics, Iterator[ScoredImage]]:  # fmt: skip
+    model,
+    lset: LabelledSet,
+    *,
+    threshold: float | None = None,
+    head: str | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    options: ImageOptions | None = None,
+) -> tuple[MultiLabelMetrics, Iterator[ScoredImage]]:
     """Like `evaluation`, for a multi-label model on a set with label lists."""
     check_kind(model, lset)
     t = model.threshold if check_threshold(threshold) is None else threshold
@@ -813,16 +896,23 @@ def scored_record(r: ScoredImage, labels: Sequence[str], threshold: float) -> di
         rec["error"] = r.error
         return rec
     order = np.argsort(-r.scores, kind="stable")
-    rec["predictions"] = [{"index": int(i), "label": labels[i], "score": float(r.scores[i])}
-                          for i in order if r.scores[i] >= threshold]  # fmt: skip
+    rec["predictions"] = [
+        {"index": int(i), "label": labels[i], "score": float(r.scores[i])} for i in order if r.scores[i] >= threshold
+    ]
     rec["correct"] = sorted(p["index"] for p in rec["predictions"]) == sorted(r.targets)
     if r.notes:
         rec["notes"] = list(r.notes)
     return rec
 
 
-def multi_label_summary(model, lset: LabelledSet, metrics: MultiLabelMetrics, *, per_class: bool = False,
-                        predictions: str | os.PathLike | None = None) -> dict:  # fmt: skip
+def multi_label_summary(
+    model,
+    lset: LabelledSet,
+    metrics: MultiLabelMetrics,
+    *,
+    per_class: bool = False,
+    predictions: str | os.PathLike | None = None,
+) -> dict:
     out = {
         "model": str(model.source),
         "set": lset.source,

@@ -45,10 +45,21 @@ from .results import ImageOptions, Result, reason, run_batches
 from .runner import resolve_device, resolve_dtype
 
 __all__ = [
-    "METHODS", "TOKEN_NAMES", "AttentionMaps", "Explanation", "attention_probabilities", "forward_with_attention",
-    "rollout", "last_attention", "attention_maps", "explain", "OutputNames", "output_paths", "write_explanation",
+    "METHODS",
+    "TOKEN_NAMES",
+    "AttentionMaps",
+    "Explanation",
+    "attention_probabilities",
+    "forward_with_attention",
+    "rollout",
+    "last_attention",
+    "attention_maps",
+    "explain",
+    "OutputNames",
+    "output_paths",
+    "write_explanation",
     "write_explanations",
-]  # fmt: skip
+]
 
 METHODS = ("rollout", "attention")
 DEFAULT_METHOD = "rollout"
@@ -141,8 +152,9 @@ def _check_method(method: str) -> None:
 
 
 @torch.no_grad()
-def attention_maps(model: DeiT, images: torch.Tensor, method: str = DEFAULT_METHOD, *,
-                   per_head: bool = False) -> AttentionMaps:  # fmt: skip
+def attention_maps(
+    model: DeiT, images: torch.Tensor, method: str = DEFAULT_METHOD, *, per_head: bool = False
+) -> AttentionMaps:
     """Maps of where the class (and distillation) token look, for preprocessed images
     (B, 3, H, W) on the model's device and dtype (they are moved and cast). `method`:
     rollout (default) or attention; see this module's docstring for the definitions."""
@@ -167,8 +179,7 @@ def attention_maps(model: DeiT, images: torch.Tensor, method: str = DEFAULT_METH
     full = state["r"] if method == "rollout" else last_attention(last)  # (B, N, N)
     maps = _grid(full[:, :P], P, gh, gw)  # (B, P, gh, gw)
     heads = _grid(last[:, :, :P].transpose(1, 2), P, gh, gw) if per_head else None  # (B, P, H, gh, gw)
-    return AttentionMaps(maps.contiguous(), None if heads is None else heads.contiguous(), tokens,
-                         TOKEN_NAMES[:P])  # fmt: skip
+    return AttentionMaps(maps.contiguous(), None if heads is None else heads.contiguous(), tokens, TOKEN_NAMES[:P])
 
 
 # --------------------------------------------------------------------------- per image
@@ -275,8 +286,18 @@ def explain(
                 continue
             maps, heads, crop, (vals, idxs), names = row
             preds = [Prediction(r, i, labels[i], v) for r, (v, i) in enumerate(zip(vals, idxs), 1)]
-            yield Explanation(pos, item.path, None, list(notes), method=method, tokens=names, predictions=preds,
-                              maps=maps, heads=heads, image=crop)  # fmt: skip
+            yield Explanation(
+                pos,
+                item.path,
+                None,
+                list(notes),
+                method=method,
+                tokens=names,
+                predictions=preds,
+                maps=maps,
+                heads=heads,
+                image=crop,
+            )
 
     return results()  # a generator, but the checks above run at the call
 
@@ -359,8 +380,9 @@ def check_outputs(paths: Iterable[str], directory: Path, method: str, *, raw: bo
     return names
 
 
-def write_explanation(r: Explanation, directory: Path, name: str, *, raw: bool = False, force: bool = False,
-                      model: str | None = None) -> dict[str, str]:  # fmt: skip
+def write_explanation(
+    r: Explanation, directory: Path, name: str, *, raw: bool = False, force: bool = False, model: str | None = None
+) -> dict[str, str]:
     """Write one explanation's files (each atomically); returns and sets `r.files`."""
     from .picture import render
 
@@ -381,9 +403,14 @@ def write_explanation(r: Explanation, directory: Path, name: str, *, raw: bool =
 
 
 def write_explanations(
-    results: Iterable[Explanation], directory: Path, *, raw: bool = False, force: bool = False,
-    names: list[str] | None = None, model: str | None = None,
-) -> Iterator[Explanation]:  # fmt: skip
+    results: Iterable[Explanation],
+    directory: Path,
+    *,
+    raw: bool = False,
+    force: bool = False,
+    names: list[str] | None = None,
+    model: str | None = None,
+) -> Iterator[Explanation]:
     """Write each good result's files into `directory` as it comes, and pass it on.
     `names`: one per input position (from check_outputs); otherwise assigned in order."""
     namer = OutputNames()

@@ -44,9 +44,19 @@ from .features import _check_pool, default_pool, feature_shape, pool_tokens
 from .runner import resolve_dtype
 
 __all__ = [
-    "EXTRA", "INPUT_NAME", "MIN_OPSET", "CHECK_BATCHES", "TOLERANCES", "ExportResult", "GraphSpec", "export",
-    "export_model", "require_extra", "onnx_metadata", "read_metadata",
-]  # fmt: skip
+    "EXTRA",
+    "INPUT_NAME",
+    "MIN_OPSET",
+    "CHECK_BATCHES",
+    "TOLERANCES",
+    "ExportResult",
+    "GraphSpec",
+    "export",
+    "export_model",
+    "require_extra",
+    "onnx_metadata",
+    "read_metadata",
+]
 
 EXTRA = "pip install 'deit-cli[onnx]'"
 INPUT_NAME = "pixel_values"  # transformers' name for the same tensor
@@ -151,10 +161,18 @@ def _copy_to(model: DeiT, where) -> DeiT:
 
 
 def export(
-    source: str, dst: Path, *, dtype: str = "fp32", opset: int | None = None, image_size: int | None = None,
-    head: str | None = None, features: bool = False, pool: str | None = None, force: bool = False,
+    source: str,
+    dst: Path,
+    *,
+    dtype: str = "fp32",
+    opset: int | None = None,
+    image_size: int | None = None,
+    head: str | None = None,
+    features: bool = False,
+    pool: str | None = None,
+    force: bool = False,
     tolerance: float | None = None,
-) -> ExportResult:  # fmt: skip
+) -> ExportResult:
     """Export any source `load_model` reads to an ONNX file at `dst` (see the module docstring)."""
     from ..checkpoints import build_model, read_checkpoint
 
@@ -166,14 +184,23 @@ def export(
     if same_path(dst, ckpt.path):
         raise UsageError(f"{dst}: destination is the source; choose another path")
     model = build_model(ckpt, image_size=image_size)
-    return export_model(model, dst, dtype=dtype, opset=opset, head=head, features=features, pool=pool,
-                        force=force, tolerance=tolerance)  # fmt: skip
+    return export_model(
+        model, dst, dtype=dtype, opset=opset, head=head, features=features, pool=pool, force=force, tolerance=tolerance
+    )
 
 
 def export_model(
-    model: DeiT, dst: Path, *, dtype: str = "fp32", opset: int | None = None, head: str | None = None,
-    features: bool = False, pool: str | None = None, force: bool = False, tolerance: float | None = None,
-) -> ExportResult:  # fmt: skip
+    model: DeiT,
+    dst: Path,
+    *,
+    dtype: str = "fp32",
+    opset: int | None = None,
+    head: str | None = None,
+    features: bool = False,
+    pool: str | None = None,
+    force: bool = False,
+    tolerance: float | None = None,
+) -> ExportResult:
     """Export a loaded model (its size is the graph's; `load_model(image_size=...)` resamples).
     The model is not changed; one on another device is copied to the CPU, where both the
     export and the check run."""
@@ -199,20 +226,38 @@ def export_model(
         diff, tol, agree = _check(ort, tmp, model, x, spec, tolerance)
         size = tmp.stat().st_size
     return ExportResult(
-        source=str(model.source), destination=str(dst), dtype=dtype, opset=opset, image_size=S,
-        output=spec.output, head=spec.head, pool=spec.pool, input_name=INPUT_NAME, input_shape=in_shape,
-        output_name=spec.output, output_shape=out_shape, params=sum(p.numel() for p in model.parameters()),
-        bytes=size, checked_batches=list(CHECK_BATCHES), max_abs_diff=diff, tolerance=tol, top1_agreement=agree,
+        source=str(model.source),
+        destination=str(dst),
+        dtype=dtype,
+        opset=opset,
+        image_size=S,
+        output=spec.output,
+        head=spec.head,
+        pool=spec.pool,
+        input_name=INPUT_NAME,
+        input_shape=in_shape,
+        output_name=spec.output,
+        output_shape=out_shape,
+        params=sum(p.numel() for p in model.parameters()),
+        bytes=size,
+        checked_batches=list(CHECK_BATCHES),
+        max_abs_diff=diff,
+        tolerance=tol,
+        top1_agreement=agree,
         onnxruntime=ort.__version__,
-    )  # fmt: skip
+    )
 
 
-def _check_options(dtype: str, opset: int | None, features: bool, head: str | None, pool: str | None) -> tuple[str, int]:
+def _check_options(
+    dtype: str, opset: int | None, features: bool, head: str | None, pool: str | None
+) -> tuple[str, int]:
     dtype = dtype_name(dtype, allowed=EXPORT_DTYPES)
     opset = DEFAULT_OPSET if opset is None else opset
     if not isinstance(opset, int) or opset < MIN_OPSET:
-        raise UsageError(f"unknown --opset {opset}: a DeiT needs opset {MIN_OPSET} or later (LayerNormalization)",
-                         f"the default is {DEFAULT_OPSET}")  # fmt: skip
+        raise UsageError(
+            f"unknown --opset {opset}: a DeiT needs opset {MIN_OPSET} or later (LayerNormalization)",
+            f"the default is {DEFAULT_OPSET}",
+        )
     try:
         import onnx
 
@@ -220,8 +265,10 @@ def _check_options(dtype: str, opset: int | None, features: bool, head: str | No
     except ImportError:
         newest = None  # require_extra says what to install
     if newest is not None and opset > newest:
-        raise UsageError(f"unknown --opset {opset}: onnx {onnx.__version__} knows opsets up to {newest}",
-                         f"the default is {DEFAULT_OPSET}")  # fmt: skip
+        raise UsageError(
+            f"unknown --opset {opset}: onnx {onnx.__version__} knows opsets up to {newest}",
+            f"the default is {DEFAULT_OPSET}",
+        )
     if features and head is not None:
         raise UsageError("--head chooses a classifier; --features exports features (choose one)")
     if pool is not None and not features:
@@ -247,10 +294,18 @@ def _write_graph(graph: _Graph, x: torch.Tensor, path: Path, opset: int, output:
                 for lg in loggers:
                     lg.setLevel(logging.ERROR)
             program = torch.onnx.export(
-                graph.eval(), (x,), None, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                output_names=[output], dynamic_shapes={"x": {0: batch}}, optimize=True, verbose=False,
+                graph.eval(),
+                (x,),
+                None,
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[output],
+                dynamic_shapes={"x": {0: batch}},
+                optimize=True,
+                verbose=False,
                 external_data=False,
-            )  # fmt: skip
+            )
             program.model.metadata_props.update(meta)
             program.model.producer_name, program.model.producer_version = "deit", __version__
             program.save(str(path), external_data=False)
@@ -258,8 +313,9 @@ def _write_graph(graph: _Graph, x: torch.Tensor, path: Path, opset: int, output:
         raise
     except Exception as e:  # noqa: BLE001 - the exporter raises many kinds; one line says which
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"torch.onnx.export failed: {type(e).__name__}: {first[:300]}",
-                              "set DEIT_DEBUG=1 for the traceback") from e  # fmt: skip
+        raise CheckpointError(
+            f"torch.onnx.export failed: {type(e).__name__}: {first[:300]}", "set DEIT_DEBUG=1 for the traceback"
+        ) from e
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
@@ -271,16 +327,19 @@ def _check_graph(onnx, path: Path, opset: int) -> None:
     proto = onnx.load(str(path), load_external_data=False)
     written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if written != opset:
-        raise UsageError(f"unknown --opset {opset}: torch's exporter cannot write it (it wrote opset {written})",
-                         f"the default is {DEFAULT_OPSET}")  # fmt: skip
+        raise UsageError(
+            f"unknown --opset {opset}: torch's exporter cannot write it (it wrote opset {written})",
+            f"the default is {DEFAULT_OPSET}",
+        )
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as e:
         raise CheckpointError(f"the exported graph is not valid ONNX: {str(e).strip().splitlines()[0]}") from None
 
 
-def _check(ort, path: Path, model: DeiT, x: torch.Tensor, spec: GraphSpec,
-           tolerance: float | None) -> tuple[float, float, float]:  # fmt: skip
+def _check(
+    ort, path: Path, model: DeiT, x: torch.Tensor, spec: GraphSpec, tolerance: float | None
+) -> tuple[float, float, float]:
     """(largest difference, tolerance, top-1 agreement) of the graph in onnxruntime against
     our fp32 model, at each of CHECK_BATCHES. Raises CheckpointError when it fails."""
     opts = ort.SessionOptions()
@@ -290,8 +349,10 @@ def _check(ort, path: Path, model: DeiT, x: torch.Tensor, spec: GraphSpec,
         outs = [torch.from_numpy(session.run(None, {INPUT_NAME: x[:b].numpy()})[0]) for b in CHECK_BATCHES]
     except Exception as e:  # noqa: BLE001 - onnxruntime's errors have no common public base
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"onnxruntime {ort.__version__} cannot run the exported graph: {first[:300]}",
-                              "nothing written; try the default --opset") from None  # fmt: skip
+        raise CheckpointError(
+            f"onnxruntime {ort.__version__} cannot run the exported graph: {first[:300]}",
+            "nothing written; try the default --opset",
+        ) from None
     ref = _reference(model, x, spec)
     atol, rtol = TOLERANCES[resolve_dtype(spec.dtype)]
     finite = ref[ref.isfinite()]
@@ -300,23 +361,30 @@ def _check(ort, path: Path, model: DeiT, x: torch.Tensor, spec: GraphSpec,
     for b, out in zip(CHECK_BATCHES, outs):
         want = ref[:b]
         if out.shape != want.shape:
-            raise CheckpointError(f"export check failed: batch {b} gave shape {tuple(out.shape)}, "
-                                  f"expected {tuple(want.shape)}; nothing written")  # fmt: skip
+            raise CheckpointError(
+                f"export check failed: batch {b} gave shape {tuple(out.shape)}, "
+                f"expected {tuple(want.shape)}; nothing written"
+            )
         d = (out - want).abs().masked_fill((out == want) | (out.isnan() & want.isnan()), 0.0)
         diff = max(diff, d.max().item() if d.numel() else 0.0)  # NaN where ours is finite stays NaN
         if spec.output == "logits":
             rows += b
             agree += _top1_agreement(want, out)
     if diff != diff:
-        raise CheckpointError("export check failed: the graph gives NaN or infinite values where our model does "
-                              f"not (a value out of range for {spec.dtype}?); nothing written")  # fmt: skip
+        raise CheckpointError(
+            "export check failed: the graph gives NaN or infinite values where our model does "
+            f"not (a value out of range for {spec.dtype}?); nothing written"
+        )
     if diff > tol:
-        raise CheckpointError(f"export check failed: outputs differ from deit's by {diff:.3g} "
-                              f"(tolerance {tol:.3g}); nothing written")  # fmt: skip
+        raise CheckpointError(
+            f"export check failed: outputs differ from deit's by {diff:.3g} (tolerance {tol:.3g}); nothing written"
+        )
     agreement = agree / rows if rows else 1.0
     if agreement < 1.0:
-        raise CheckpointError(f"export check failed: the top-1 class differs from deit's on {rows - agree} of "
-                              f"{rows} checked rows; nothing written")  # fmt: skip
+        raise CheckpointError(
+            f"export check failed: the top-1 class differs from deit's on {rows - agree} of "
+            f"{rows} checked rows; nothing written"
+        )
     return diff, tol, agreement
 
 

@@ -34,9 +34,21 @@ from .results import ImageOptions, Result, reason, run_batches
 from .runner import prepare
 
 __all__ = [
-    "POOLS", "FILE_FORMATS", "OUT_DTYPES", "Features", "default_pool", "feature_shape", "pool_tokens",
-    "extract_features", "sidecar_path", "feature_record", "write_features", "NpyWriter", "write_shard", "read_shard",
-]  # fmt: skip
+    "POOLS",
+    "FILE_FORMATS",
+    "OUT_DTYPES",
+    "Features",
+    "default_pool",
+    "feature_shape",
+    "pool_tokens",
+    "extract_features",
+    "sidecar_path",
+    "feature_record",
+    "write_features",
+    "NpyWriter",
+    "write_shard",
+    "read_shard",
+]
 
 FILE_FORMATS = ("npy", "safetensors", "jsonl")
 OUT_DTYPES = {"fp32": "float32", "fp16": "float16"}  # stored precision -> numpy dtype
@@ -171,8 +183,9 @@ def write_features(
     return rows
 
 
-def _write_safetensors(results: Iterable[Features], tmp: Path, shape, dtype: str, meta: dict[str, Any],
-                       check: Callable[[], None]) -> int:  # fmt: skip
+def _write_safetensors(
+    results: Iterable[Features], tmp: Path, shape, dtype: str, meta: dict[str, Any], check: Callable[[], None]
+) -> int:
     paths: list[str] = []
     errors: list[dict[str, str]] = []
 
@@ -247,7 +260,7 @@ class NpyWriter:
 def _write_npy(results: Iterable[Features], path: Path, side: Path | None, shape, dtype: str) -> int:
     """Good results' features as rows of `path`; one JSON line per input in `side`
     ({"row", "path"[, "notes"]} or {"path", "error"}). Returns the number of rows."""
-    with NpyWriter(path, shape, dtype) as writer, (open(side, "w", encoding="utf-8") if side else _Null()) as f:
+    with NpyWriter(path, shape, dtype) as writer, open(side, "w", encoding="utf-8") if side else _Null() as f:
         for r in results:
             if r.ok:
                 rec = {"row": writer.count, "path": r.path}
@@ -275,8 +288,7 @@ def _npy_to_safetensors(rows: Path, dst: Path, shape: tuple[int, ...], dtype: st
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     header = {
         "__metadata__": metadata,
-        "features": {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
-                     "data_offsets": [0, nbytes]},  # fmt: skip
+        "features": {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [0, nbytes]},
     }
     raw = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned

@@ -44,10 +44,17 @@ def build_peer(name: str, model: DeiT) -> torch.nn.Module:
         if cfg.distilled and not cfg.has_dist_head and cfg.num_classes > 0:
             raise UsageError("timm has no distilled model without a distillation head")
         kw = dict(
-            img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
-            depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
-            num_classes=cfg.num_classes, norm_layer=partial(torch.nn.LayerNorm, eps=cfg.layer_norm_eps),
-        )  # fmt: skip
+            img_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+            in_chans=cfg.in_chans,
+            embed_dim=cfg.embed_dim,
+            depth=cfg.depth,
+            num_heads=cfg.num_heads,
+            mlp_ratio=cfg.mlp_ratio,
+            qkv_bias=cfg.qkv_bias,
+            num_classes=cfg.num_classes,
+            norm_layer=partial(torch.nn.LayerNorm, eps=cfg.layer_norm_eps),
+        )
         net = VisionTransformerDistilled(**kw) if cfg.distilled else VisionTransformer(**kw, global_pool="token")
         net.load_state_dict(sd, strict=True)
         if cfg.distilled:
@@ -59,11 +66,19 @@ def build_peer(name: str, model: DeiT) -> torch.nn.Module:
 
     _, arch = hf_architecture(cfg)
     kw = dict(
-        hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
-        intermediate_size=cfg.mlp_dim, image_size=cfg.image_size, patch_size=cfg.patch_size,
-        num_channels=cfg.in_chans, qkv_bias=cfg.qkv_bias, layer_norm_eps=cfg.layer_norm_eps,
-        hidden_act="gelu", num_labels=max(cfg.num_classes, 1), attn_implementation="sdpa",
-    )  # fmt: skip
+        hidden_size=cfg.embed_dim,
+        num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.mlp_dim,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        num_channels=cfg.in_chans,
+        qkv_bias=cfg.qkv_bias,
+        layer_norm_eps=cfg.layer_norm_eps,
+        hidden_act="gelu",
+        num_labels=max(cfg.num_classes, 1),
+        attn_implementation="sdpa",
+    )
     if arch in ("DeiTModel", "ViTModel"):
         raise UsageError("comparing headless models with transformers is not supported")
     conf = (transformers.DeiTConfig if cfg.distilled else transformers.ViTConfig)(**kw)

@@ -32,14 +32,27 @@ INK = (20, 20, 20)
 
 # viridis (matplotlib's perceptually uniform map, CC0), sampled at every 16th of its 256
 # entries and the last; the table in between is linear interpolation (within 1/255 of it).
-_VIRIDIS_ANCHORS = np.array([
-    [0.267004, 0.004874, 0.329415], [0.282327, 0.094955, 0.417331], [0.278826, 0.175490, 0.483397],
-    [0.258965, 0.251537, 0.524736], [0.229739, 0.322361, 0.545706], [0.199430, 0.387607, 0.554642],
-    [0.172719, 0.448791, 0.557885], [0.149039, 0.508051, 0.557250], [0.127568, 0.566949, 0.550556],
-    [0.120638, 0.625828, 0.533488], [0.157851, 0.683765, 0.501686], [0.246070, 0.738910, 0.452024],
-    [0.369214, 0.788888, 0.382914], [0.515992, 0.831158, 0.294279], [0.678489, 0.863742, 0.189503],
-    [0.845561, 0.887322, 0.099702], [0.993248, 0.906157, 0.143936],
-])  # fmt: skip
+_VIRIDIS_ANCHORS = np.array(
+    [
+        [0.267004, 0.004874, 0.329415],
+        [0.282327, 0.094955, 0.417331],
+        [0.278826, 0.175490, 0.483397],
+        [0.258965, 0.251537, 0.524736],
+        [0.229739, 0.322361, 0.545706],
+        [0.199430, 0.387607, 0.554642],
+        [0.172719, 0.448791, 0.557885],
+        [0.149039, 0.508051, 0.557250],
+        [0.127568, 0.566949, 0.550556],
+        [0.120638, 0.625828, 0.533488],
+        [0.157851, 0.683765, 0.501686],
+        [0.246070, 0.738910, 0.452024],
+        [0.369214, 0.788888, 0.382914],
+        [0.515992, 0.831158, 0.294279],
+        [0.678489, 0.863742, 0.189503],
+        [0.845561, 0.887322, 0.099702],
+        [0.993248, 0.906157, 0.143936],
+    ]
+)
 _ANCHOR_AT = np.array([*range(0, 256, 16), 255], dtype=np.float64)
 
 
@@ -181,8 +194,9 @@ def render(
 
     x0, y0, _, _ = lay.input_box
     pic.paste(_scaled_input(image, S), (x0, y0))
-    draw.text((x0, y0 - LINE + 2), _fit(draw, f"input ({size0}x{size0}, as the model saw it)", S, font), fill=INK,
-              font=font)  # fmt: skip
+    draw.text(
+        (x0, y0 - LINE + 2), _fit(draw, f"input ({size0}x{size0}, as the model saw it)", S, font), fill=INK, font=font
+    )
     ramp = colourise(np.linspace(0, 1, S))[None].repeat(BAR, axis=0)  # (BAR, S, 3)
     for j, name in enumerate(tokens):
         box, bar = lay.map_boxes[j], lay.bar_boxes[j]
@@ -202,8 +216,12 @@ def render(
     for j, row in enumerate(lay.head_boxes):
         t = row[0][2] - row[0][0]
         name = TOKEN_TITLES.get(tokens[j], tokens[j])
-        draw.text((row[0][0], row[0][1] - LINE + 2), f"last block, {name}, per head (each to its own range)",
-                  fill=INK, font=font)  # fmt: skip
+        draw.text(
+            (row[0][0], row[0][1] - LINE + 2),
+            f"last block, {name}, per head (each to its own range)",
+            fill=INK,
+            font=font,
+        )
         for h, box in enumerate(row):
             pic.paste(Image.fromarray(overlay(image, heads[j, h], t)), box[:2])
             draw.text((box[0] + 3, box[1] + 2), f"{h + 1}", fill=(255, 255, 255), font=font)

@@ -31,7 +31,7 @@ class ImageOptions:
 def reason(path: str, error: str) -> str:
     # The images layer's messages start with the path; a record keys them by path already.
     prefix = f"{path}: "
-    return error[len(prefix):] if error.startswith(prefix) else error
+    return error[len(prefix) :] if error.startswith(prefix) else error
 
 
 @dataclass
@@ -59,9 +59,13 @@ def run_batches(
     """(position, item, this input's row of compute(batch) or None, error, notes), in order."""
     transform = eval_transform(model.preprocessing, crop_pct=options.crop_pct, resize_mode=options.resize_mode)
     batches = iter_batches(
-        items, transform, options.batch_size, workers=options.workers,
-        exif_transpose=options.exif_transpose, allow_truncated=options.allow_truncated,
-    )  # fmt: skip
+        items,
+        transform,
+        options.batch_size,
+        workers=options.workers,
+        exif_transpose=options.exif_transpose,
+        allow_truncated=options.allow_truncated,
+    )
     with closing(batches):  # `| head -1`: stop decoding at once, leave no threads behind
         for batch in batches:
             out = compute(batch.tensor) if batch.positions else None

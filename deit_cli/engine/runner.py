@@ -46,8 +46,15 @@ class Runner:
     """A model made ready for one device and dtype. Takes float32 image batches (on any
     device; they are moved and cast), returns float32 tensors on the runner's device."""
 
-    def __init__(self, model: DeiT, device: torch.device, dtype: torch.dtype, path: str,
-                 logits_fn: Callable, features_fn: Callable):  # fmt: skip
+    def __init__(
+        self,
+        model: DeiT,
+        device: torch.device,
+        dtype: torch.dtype,
+        path: str,
+        logits_fn: Callable,
+        features_fn: Callable,
+    ):
         self.model = model  # the model prepare() was given (config, labels, preprocessing)
         self.device = device
         self.dtype = dtype
@@ -296,8 +303,12 @@ class _FastBlock(nn.Module):
         super().__init__()
         self.ops, self.num_heads = cast.ops, cfg.num_heads
         self.norm1, self.norm2 = _Norm(block.norm1, cast), _Norm(block.norm2, cast)
-        for name, lin in (("qkv", block.attn.qkv), ("proj", block.attn.proj),
-                          ("fc1", block.mlp.fc1), ("fc2", block.mlp.fc2)):  # fmt: skip
+        for name, lin in (
+            ("qkv", block.attn.qkv),
+            ("proj", block.attn.proj),
+            ("fc1", block.mlp.fc1),
+            ("fc2", block.mlp.fc2),
+        ):
             self.register_buffer(f"{name}_w", cast.weight(lin.weight), persistent=False)
             self.register_buffer(f"{name}_b", cast(lin.bias), persistent=False)
 
@@ -461,4 +472,3 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError("device 'mps' requested but MPS is not available here")
     return dev
-

@@ -56,8 +56,7 @@ class ServedModel:
             raise UsageError("head 'dist' needs a distilled model with a distillation classifier")
         self.options = options
         self.max_pixels = max_pixels
-        self.transform = eval_transform(model.preprocessing, crop_pct=options.crop_pct,
-                                        resize_mode=options.resize_mode)  # fmt: skip
+        self.transform = eval_transform(model.preprocessing, crop_pct=options.crop_pct, resize_mode=options.resize_mode)
         self.runner = prepare(model, device=device, dtype=dtype, compile=compile)
         # Paths that specialise on the input shape (a CUDA graph or a compiled graph per batch
         # size) get batches padded up to a few sizes, fixed by warm_up: a server's batch
@@ -77,8 +76,13 @@ class ServedModel:
     def preprocess(self, data: bytes, name: str) -> tuple[torch.Tensor, list[str]]:
         """Image bytes -> the model's input (3, H, W) float32 and decoding notes.
         Raises ImageError (one line, starting with `name`). Thread-safe."""
-        decoded = decode_bytes(data, name, exif_transpose=self.options.exif_transpose,
-                               allow_truncated=self.options.allow_truncated, max_pixels=self.max_pixels)  # fmt: skip
+        decoded = decode_bytes(
+            data,
+            name,
+            exif_transpose=self.options.exif_transpose,
+            allow_truncated=self.options.allow_truncated,
+            max_pixels=self.max_pixels,
+        )
         return self.transform(decoded.image), decoded.notes
 
     def _batch(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -96,8 +100,9 @@ class ServedModel:
         logits = self.runner.logits(self._batch(images), self.head)[: len(images)]  # (N, classes) float32
         return (logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)).cpu().numpy()
 
-    def embeddings(self, images: Sequence[torch.Tensor], pools: Sequence[str],
-                   normalize: Sequence[bool]) -> list[np.ndarray]:  # fmt: skip
+    def embeddings(
+        self, images: Sequence[torch.Tensor], pools: Sequence[str], normalize: Sequence[bool]
+    ) -> list[np.ndarray]:
         """Each image's pooled features (float32), pooled as its own `pools[i]` says."""
         tokens = self.runner.features(self._batch(images))[: len(images)]  # (N, prefix + patches, D)
         out: list[np.ndarray | None] = [None] * len(images)

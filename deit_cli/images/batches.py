@@ -85,8 +85,7 @@ def _assemble(index: int, start: int, loaded: list[_Loaded], transform: Callable
     else:
         size = getattr(transform, "image_size", 0)
         tensor = torch.empty((0, 3, size, size), dtype=torch.float32)
-    return Batch(index, start, len(loaded), items, positions, tensor, notes, failed,
-                 failed_positions)  # fmt: skip
+    return Batch(index, start, len(loaded), items, positions, tensor, notes, failed, failed_positions)
 
 
 def _chunks(items: Iterable[InputItem], size: int) -> Iterator[list[InputItem]]:
@@ -122,8 +121,9 @@ def iter_batches(
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    options = dict(exif_transpose=exif_transpose, allow_truncated=allow_truncated,
-                   max_pixels=max_pixels, timeout=url_timeout)  # fmt: skip
+    options = dict(
+        exif_transpose=exif_transpose, allow_truncated=allow_truncated, max_pixels=max_pixels, timeout=url_timeout
+    )
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
     chunks = _chunks(items, batch_size)

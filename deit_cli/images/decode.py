@@ -45,8 +45,6 @@ class ImageNotFound(ImageError, InputNotFound):
     exit_code = EXIT_NO_INPUT
 
 
-
-
 @dataclass
 class Decoded:
     """A decoded image, always 8-bit RGB, and notes on what was done to get it."""
@@ -214,16 +212,12 @@ def _to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
     return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
 
 
-def _decode_stream(
-    fp: BinaryIO, name: str, *, exif_transpose: bool, allow_truncated: bool, max_pixels: int
-) -> Decoded:
+def _decode_stream(fp: BinaryIO, name: str, *, exif_transpose: bool, allow_truncated: bool, max_pixels: int) -> Decoded:
     head = fp.read(16)
     try:
         fmt = _sniff(head)
     except ValueError as exc:
-        raise ImageError(
-            f"{name}: {exc}", hint="allowed: JPEG, PNG, WebP, GIF, BMP, TIFF"
-        ) from None
+        raise ImageError(f"{name}: {exc}", hint="allowed: JPEG, PNG, WebP, GIF, BMP, TIFF") from None
     fp.seek(0)
     notes: list[str] = []
     with _truncated.set(allow_truncated):
@@ -235,8 +229,7 @@ def _decode_stream(
             w, h = im.size
             if w * h > max_pixels:
                 raise ImageError(
-                    f"{name}: {w}x{h} is {w * h} pixels, over the limit of {max_pixels} "
-                    "(possible decompression bomb)"
+                    f"{name}: {w}x{h} is {w * h} pixels, over the limit of {max_pixels} (possible decompression bomb)"
                 )
             frames = getattr(im, "n_frames", 1) if getattr(im, "is_animated", False) else 1
             if frames > 1:
@@ -280,8 +273,9 @@ def decode_bytes(
     """Decode an image held in memory (an upload, a request body) with the same checks
     as `decode_image`: format from the leading bytes, pixel count from the header before
     any pixel is decoded. `name` only appears in error messages."""
-    return _decode_stream(io.BytesIO(data), name, exif_transpose=exif_transpose,
-                          allow_truncated=allow_truncated, max_pixels=max_pixels)  # fmt: skip
+    return _decode_stream(
+        io.BytesIO(data), name, exif_transpose=exif_transpose, allow_truncated=allow_truncated, max_pixels=max_pixels
+    )
 
 
 def decode_image(
@@ -310,8 +304,7 @@ def decode_image(
     else:
         name = os.fspath(source)
         is_url = _is_url(name)
-    options = dict(exif_transpose=exif_transpose, allow_truncated=allow_truncated,
-                   max_pixels=max_pixels)  # fmt: skip
+    options = dict(exif_transpose=exif_transpose, allow_truncated=allow_truncated, max_pixels=max_pixels)
     if is_url:
         data = _fetch(name, timeout, max_bytes)
         return _decode_stream(io.BytesIO(data), name, **options)

@@ -67,12 +67,20 @@ class Service:
         inference = ThreadPoolExecutor(1, thread_name_prefix="deit-inference")  # one model call at a time
         self._inference = inference
         self.metrics = Metrics(depth=lambda: sum(q.depth for q in self.queues), ready=lambda: self.ready)
-        limits = dict(max_batch_size=settings.max_batch_size, max_delay_ms=settings.max_delay_ms,
-                      max_queue=settings.max_queue, on_batch=self.metrics.on_batch, executor=inference)  # fmt: skip
+        limits = dict(
+            max_batch_size=settings.max_batch_size,
+            max_delay_ms=settings.max_delay_ms,
+            max_queue=settings.max_queue,
+            on_batch=self.metrics.on_batch,
+            executor=inference,
+        )
         self.classify_queue = BatchQueue(lambda xs: list(served.probabilities(xs)), **limits)
         self.embed_queue = BatchQueue(
-            lambda items: served.embeddings([x for x, _, _ in items], [p for _, p, _ in items],
-                                            [n for _, _, n in items]), **limits)  # fmt: skip
+            lambda items: served.embeddings(
+                [x for x, _, _ in items], [p for _, p, _ in items], [n for _, _, n in items]
+            ),
+            **limits,
+        )
         self.queues = (self.classify_queue, self.embed_queue)
 
     @property
@@ -113,8 +121,11 @@ _HTTP_KINDS = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     message = {404: "no such route", 405: "method not allowed on this route"}.get(exc.status_code, str(exc.detail))
-    return JSONResponse({"error": message, "error_type": _HTTP_KINDS.get(exc.status_code, "error")},
-                        status_code=exc.status_code, headers=getattr(exc, "headers", None))  # fmt: skip
+    return JSONResponse(
+        {"error": message, "error_type": _HTTP_KINDS.get(exc.status_code, "error")},
+        status_code=exc.status_code,
+        headers=getattr(exc, "headers", None),
+    )
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -152,8 +163,12 @@ class _Guard:
                     if k == b"authorization":
                         header = v.decode("latin-1")
                 if not self.service.check_key(header):
-                    err = ServeError(401, "unauthorized", "missing or wrong API key (send Authorization: Bearer <key>)",
-                                     headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+                    err = ServeError(
+                        401,
+                        "unauthorized",
+                        "missing or wrong API key (send Authorization: Bearer <key>)",
+                        headers={"WWW-Authenticate": "Bearer"},
+                    )
                     return await error_response(err)(scope, receive, counting_send)
             await self.app(scope, receive, counting_send)
         finally:

@@ -43,21 +43,29 @@ def route_template(path: str) -> str:
 class Metrics:
     def __init__(self, depth: Callable[[], float], ready: Callable[[], bool]) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("deit_requests", "HTTP requests answered, by route and status code.",
-                                ["route", "status"], registry=r)  # fmt: skip
-        self.request_seconds = Histogram("deit_request_seconds", "Time from request to response, by route.",
-                                         ["route"], buckets=_LATENCY, registry=r)  # fmt: skip
+        self.requests = Counter(
+            "deit_requests", "HTTP requests answered, by route and status code.", ["route", "status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "deit_request_seconds", "Time from request to response, by route.", ["route"], buckets=_LATENCY, registry=r
+        )
         self.images = Counter("deit_images", "Images that ran through the model, by route.", ["route"], registry=r)
         self.queue_depth = Gauge("deit_queue_depth", "Images waiting in the batching queues.", registry=r)
         self.queue_depth.set_function(depth)
         self.ready = Gauge("deit_ready", "1 when the server takes requests, 0 while it drains.", registry=r)
         self.ready.set_function(lambda: 1.0 if ready() else 0.0)
-        self.batch_size = Histogram("deit_batch_size", "Images per model call.",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)  # fmt: skip
-        self.queue_seconds = Histogram("deit_queue_seconds", "Each image's wait in the queue before its batch started.",
-                                       buckets=_LATENCY, registry=r)  # fmt: skip
-        self.inference_seconds = Histogram("deit_inference_seconds", "Model time per batch.", buckets=_LATENCY,
-                                           registry=r)  # fmt: skip
+        self.batch_size = Histogram(
+            "deit_batch_size", "Images per model call.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r
+        )
+        self.queue_seconds = Histogram(
+            "deit_queue_seconds",
+            "Each image's wait in the queue before its batch started.",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "deit_inference_seconds", "Model time per batch.", buckets=_LATENCY, registry=r
+        )
 
     def on_batch(self, size: int, waits: list[float], inference_s: float) -> None:
         self.batch_size.observe(size)

@@ -165,8 +165,9 @@ class BatchQueue:
         self._wakeup.set()
         return futures
 
-    async def infer(self, items: Sequence[Any], timeout: float | None = None,
-                    ticket: Ticket | None = None) -> list[Done]:  # fmt: skip
+    async def infer(
+        self, items: Sequence[Any], timeout: float | None = None, ticket: Ticket | None = None
+    ) -> list[Done]:
         """Submit `items` and wait for all of them, at most `timeout` seconds (QueueTimeout)."""
         futures = self.submit(items, ticket)
         try:
@@ -231,8 +232,7 @@ class BatchQueue:
             if self._incoming and len(batch) < self.max_batch_size:
                 # Company is on its way: wait for it, until the oldest item has waited max_delay.
                 deadline = batch[0].enqueued + self.max_delay
-                while (self._incoming and len(batch) < self.max_batch_size
-                       and (left := deadline - time.monotonic()) > 0):  # fmt: skip
+                while self._incoming and len(batch) < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
                     self._wakeup.clear()
                     try:
                         await asyncio.wait_for(self._wakeup.wait(), left)

@@ -27,10 +27,17 @@ from .app import Service, service_of
 from .metrics import CONTENT_TYPE_LATEST
 from .queue import BatchQueue, QueueClosed, QueueFull, QueueTimeout
 from .schemas import (
-    ImageRequest, ServeError, bad_request, embed_params, image_bytes, parse_json, score_request, threshold_param,
+    ImageRequest,
+    ServeError,
+    bad_request,
+    embed_params,
+    image_bytes,
+    parse_json,
+    score_request,
+    threshold_param,
     top_k_param,
     v2_request,
-)  # fmt: skip
+)
 from .urls import UrlRefused, fetch_url, is_url
 
 # ----------------------------------------------------------------- the shared path
@@ -96,15 +103,18 @@ async def run_images(service: Service, queue: BatchQueue, req: ImageRequest, ite
     deadline = time.monotonic() + service.settings.timeout
 
     async def work():
-        jobs = [loop.run_in_executor(service.decode_pool, _load_one, service, f"{req.field_name}[{i}]", i, t)
-                for i, t in enumerate(req.images)]  # fmt: skip
+        jobs = [
+            loop.run_in_executor(service.decode_pool, _load_one, service, f"{req.field_name}[{i}]", i, t)
+            for i, t in enumerate(req.images)
+        ]
         loaded = await asyncio.gather(*jobs, return_exceptions=True)
         for r in loaded:  # the first image at fault fails the request, with its index
             if isinstance(r, BaseException):
                 raise r
         try:
-            return await queue.infer([item(x) for x in loaded], timeout=max(0.001, deadline - time.monotonic()),
-                                     ticket=ticket)  # fmt: skip
+            return await queue.infer(
+                [item(x) for x in loaded], timeout=max(0.001, deadline - time.monotonic()), ticket=ticket
+            )
         except QueueFull as exc:
             raise ServeError(503, "overloaded", str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
         except QueueClosed:
@@ -149,8 +159,7 @@ def _top(service: Service, probs, k: int, threshold: float | None = None) -> lis
     score is at or above `threshold` (maybe none)."""
     labels = service.served.labels
     order = (-probs).argsort(kind="stable")[:k]
-    return [{"label": labels[i], "score": float(probs[i])} for i in order
-            if threshold is None or probs[i] >= threshold]  # fmt: skip
+    return [{"label": labels[i], "score": float(probs[i])} for i in order if threshold is None or probs[i] >= threshold]
 
 
 def _selection(service: Service, params: dict) -> tuple[int, float | None]:
@@ -209,8 +218,9 @@ def _model(request: Request) -> Service:
     service = service_of(request)
     name = request.path_params["name"]
     if name != service.settings.name:
-        raise ServeError(404, "not_found", f"no model named {name[:64]!r} here; this server serves "
-                         f"{service.settings.name!r}")  # fmt: skip
+        raise ServeError(
+            404, "not_found", f"no model named {name[:64]!r} here; this server serves {service.settings.name!r}"
+        )
     return service
 
 
@@ -230,24 +240,32 @@ async def v2_ready(request: Request) -> Response:
 async def v2_model(request: Request) -> Response:
     service = _model(request)
     served = service.served
-    outputs = [{"name": "probabilities", "datatype": "FP32", "shape": [-1, served.num_classes]},
-               {"name": "labels", "datatype": "BYTES", "shape": [-1, -1]},
-               {"name": "scores", "datatype": "FP32", "shape": [-1, -1]}]  # fmt: skip
-    return JSONResponse({
-        "name": service.settings.name,
-        "versions": [],
-        "platform": "pytorch",
-        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
-        "outputs": outputs if served.has_classifier else [],
-        "parameters": {"source": str(served.model.source or ""), "image_size": served.image_size,
-                       "labels": len(served.labels)},
-    })  # fmt: skip
+    outputs = [
+        {"name": "probabilities", "datatype": "FP32", "shape": [-1, served.num_classes]},
+        {"name": "labels", "datatype": "BYTES", "shape": [-1, -1]},
+        {"name": "scores", "datatype": "FP32", "shape": [-1, -1]},
+    ]
+    return JSONResponse(
+        {
+            "name": service.settings.name,
+            "versions": [],
+            "platform": "pytorch",
+            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
+            "outputs": outputs if served.has_classifier else [],
+            "parameters": {
+                "source": str(served.model.source or ""),
+                "image_size": served.image_size,
+                "labels": len(served.labels),
+            },
+        }
+    )
 
 
 async def v2_model_ready(request: Request) -> Response:
     service = _model(request)
-    return JSONResponse({"name": service.settings.name, "ready": service.ready},
-                        status_code=200 if service.ready else 503)  # fmt: skip
+    return JSONResponse(
+        {"name": service.settings.name, "ready": service.ready}, status_code=200 if service.ready else 503
+    )
 
 
 async def v2_infer(request: Request) -> Response:
@@ -257,11 +275,18 @@ async def v2_infer(request: Request) -> Response:
     k, threshold = _selection(service, req.params)
     probs, headers = await run_images(service, service.classify_queue, req)
     n, c = len(probs), service.served.num_classes
-    outputs = [{"name": "probabilities", "datatype": "FP32", "shape": [n, c],
-                "data": [float(v) for p in probs for v in p]}]  # fmt: skip
+    outputs = [
+        {"name": "probabilities", "datatype": "FP32", "shape": [n, c], "data": [float(v) for p in probs for v in p]}
+    ]
     if threshold is not None:  # multi-label: the sigmoid scores and which are over the threshold
-        outputs.append({"name": "predicted", "datatype": "BOOL", "shape": [n, c],
-                        "data": [bool(v >= threshold) for p in probs for v in p]})  # fmt: skip
+        outputs.append(
+            {
+                "name": "predicted",
+                "datatype": "BOOL",
+                "shape": [n, c],
+                "data": [bool(v >= threshold) for p in probs for v in p],
+            }
+        )
     else:
         tops = [_top(service, p, k) for p in probs]
         outputs += [

@@ -24,8 +24,18 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ServeError", "ImageRequest", "parse_json", "score_request", "v2_request", "image_bytes",
-           "top_k_param", "threshold_param", "embed_params", "DEFAULT_TOP_K"]  # fmt: skip
+__all__ = [
+    "ServeError",
+    "ImageRequest",
+    "parse_json",
+    "score_request",
+    "v2_request",
+    "image_bytes",
+    "top_k_param",
+    "threshold_param",
+    "embed_params",
+    "DEFAULT_TOP_K",
+]
 
 DEFAULT_TOP_K = 5
 
@@ -33,8 +43,15 @@ DEFAULT_TOP_K = 5
 class ServeError(Exception):
     """An error answer: HTTP status, a kind, one line, and the image index when one is at fault."""
 
-    def __init__(self, status: int, error_type: str, message: str, *, index: int | None = None,
-                 headers: dict[str, str] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        error_type: str,
+        message: str,
+        *,
+        index: int | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.error_type = error_type
@@ -82,14 +99,21 @@ def _check_count(n: int, max_images: int, what: str) -> None:
 def _strings(values: list, what: str) -> list[str]:
     for i, v in enumerate(values):
         if not isinstance(v, str):
-            raise ServeError(400, "bad_request", f"{what}[{i}] must be a string (base64 image or URL), "
-                             f"not {_json_type(v)}", index=i)  # fmt: skip
+            raise ServeError(
+                400, "bad_request", f"{what}[{i}] must be a string (base64 image or URL), not {_json_type(v)}", index=i
+            )
     return values
 
 
 def _json_type(v: Any) -> str:
-    return {dict: "an object", list: "an array", bool: "a boolean", int: "a number", float: "a number",
-            type(None): "null"}.get(type(v), type(v).__name__)  # fmt: skip
+    return {
+        dict: "an object",
+        list: "an array",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }.get(type(v), type(v).__name__)
 
 
 def _params(doc: dict, key: str) -> dict:
@@ -139,7 +163,9 @@ def v2_request(doc: Any, max_images: int) -> ImageRequest:
         raise bad_request('"inputs" must hold exactly one tensor: the BYTES tensor of base64 images')
     tensor = inputs[0]
     if tensor.get("datatype") != "BYTES":
-        raise bad_request(f'the input tensor\'s datatype must be "BYTES" (base64 images), not {tensor.get("datatype")!r}')
+        raise bad_request(
+            f'the input tensor\'s datatype must be "BYTES" (base64 images), not {tensor.get("datatype")!r}'
+        )
     data, shape = tensor.get("data"), tensor.get("shape")
     if not isinstance(data, list):
         raise bad_request('the input tensor needs "data": a list of base64 images')

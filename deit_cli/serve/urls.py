@@ -76,9 +76,14 @@ def address_refusal(addr: Address, allowed: tuple[Network, ...] = ()) -> str | N
                 return why
     if any(addr in net for net in allowed):
         return None
-    for test, what in (("is_loopback", "loopback"), ("is_link_local", "link-local"),
-                       ("is_multicast", "multicast"), ("is_unspecified", "unspecified"),
-                       ("is_private", "private"), ("is_reserved", "reserved")):  # fmt: skip
+    for test, what in (
+        ("is_loopback", "loopback"),
+        ("is_link_local", "link-local"),
+        ("is_multicast", "multicast"),
+        ("is_unspecified", "unspecified"),
+        ("is_private", "private"),
+        ("is_reserved", "reserved"),
+    ):
         if getattr(addr, test):
             return f"{what} address {addr}"
     if not addr.is_global:

@@ -40,8 +40,10 @@ class DatasetError(DeiTError):
     exit_code = EXIT_DATA
 
 
-MULTI_LABEL_HINT = ("the training set gives one label per image; give this set one too, or train with "
-                    "--multi-label (any list of labels in the training set implies it)")
+MULTI_LABEL_HINT = (
+    "the training set gives one label per image; give this set one too, or train with "
+    "--multi-label (any list of labels in the training set implies it)"
+)
 
 
 # --------------------------------------------------------------------------- labels
@@ -177,8 +179,10 @@ def _read_jsonl(path: str, reader: LabelReader) -> LabelledImages:
         if not isinstance(ref, str) or not ref or "label" not in rec:
             raise DatasetError(f"{where}: expected an object with image_url (or path) and label")
         if isinstance(rec["label"], str) and "|" in rec["label"]:  # CSV's spelling; JSON has lists
-            raise DatasetError(f"{where}: the label {json.dumps(rec['label'])} holds '|'",
-                               'in JSON lines, give several labels as a list: "label": ["a", "b"]')  # fmt: skip
+            raise DatasetError(
+                f"{where}: the label {json.dumps(rec['label'])} holds '|'",
+                'in JSON lines, give several labels as a list: "label": ["a", "b"]',
+            )
         labels.append(reader.read(rec["label"], where))
         if _is_url(ref):
             items.append(InputItem(ref, url=True))
@@ -193,20 +197,24 @@ def _read_jsonl(path: str, reader: LabelReader) -> LabelledImages:
 def _check_training(found: LabelledImages) -> list[str]:
     if found.empty_classes:
         names = ", ".join(repr(n) for n in found.empty_classes[:5])
-        raise DatasetError(f"{found.source}: class folder {names} has no images",
-                           "remove it or add images: every class needs examples")  # fmt: skip
+        raise DatasetError(
+            f"{found.source}: class folder {names} has no images", "remove it or add images: every class needs examples"
+        )
     if _multi(found):
         classes = sorted({name for names in found.labels for name in names})
         if not classes:
-            raise DatasetError(f"{found.source}: no labels (every image's list is empty)",
-                               "a multi-label set needs images with labels, not only negative examples")  # fmt: skip
+            raise DatasetError(
+                f"{found.source}: no labels (every image's list is empty)",
+                "a multi-label set needs images with labels, not only negative examples",
+            )
         return classes
     classes = sorted(set(found.labels))
     if len(classes) < 2:
         raise DatasetError(
-            f"{found.source}: only one class ({classes[0]!r}); a classifier needs at least two" if classes
+            f"{found.source}: only one class ({classes[0]!r}); a classifier needs at least two"
+            if classes
             else f"{found.source}: no labelled images"
-        )  # fmt: skip
+        )
     return classes
 
 
@@ -220,9 +228,10 @@ def _indexed(found: LabelledImages, classes: list[str], what: str, multi_label: 
     unknown = sorted(names - set(index))
     if unknown:
         shown = ", ".join(repr(u) for u in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-        raise DatasetError(f"{found.source}: {what} labels unknown to training: {shown}",
-                           f"training has {len(classes)} classes: {', '.join(classes[:5])}"
-                           + ("..." if len(classes) > 5 else ""))  # fmt: skip
+        raise DatasetError(
+            f"{found.source}: {what} labels unknown to training: {shown}",
+            f"training has {len(classes)} classes: {', '.join(classes[:5])}" + ("..." if len(classes) > 5 else ""),
+        )
     if multi_label:
         targets = [sorted(index[n] for n in names) for names in found.labels]
         return TrainSet(found.source, list(found.items), targets, classes, multi_label=True)
@@ -248,8 +257,10 @@ def split_stratified(found: LabelledImages, fraction: float) -> tuple[LabelledIm
         idx = [i for i in range(len(found.items)) if keep(i)]
         return LabelledImages(source, [found.items[i] for i in idx], [found.labels[i] for i in idx])
 
-    return (pick(lambda i: i not in val_idx, found.source),
-            pick(lambda i: i in val_idx, f"{found.source} (validation split)"))  # fmt: skip
+    return (
+        pick(lambda i: i not in val_idx, found.source),
+        pick(lambda i: i in val_idx, f"{found.source} (validation split)"),
+    )
 
 
 @dataclass
@@ -259,8 +270,9 @@ class Sets:
     skipped: list[str]  # entries that could not be used (no label), with the reason
 
 
-def find_sets(data: str, *, val: str | None = None, val_split: float | None = None,
-              multi_label: bool | None = False) -> Sets:  # fmt: skip
+def find_sets(
+    data: str, *, val: str | None = None, val_split: float | None = None, multi_label: bool | None = False
+) -> Sets:
     """The training and validation sets named by DATA, `--val` and `--val-split`.
 
     `multi_label` True reads label lists; False one label per image; None lets the
@@ -352,10 +364,20 @@ def _load(item: InputItem, transform, seed: int, options: dict):
 
 
 def iter_epoch(
-    data: TrainSet, transform, *, batch_size: int, seed: int, epoch: int, start_step: int = 0,
-    rank: int = 0, world_size: int = 1, repeats: int = 1, workers: int | None = None,
-    decode_options: dict | None = None, prefetch: int = 2,
-) -> Iterator[TrainBatch]:  # fmt: skip
+    data: TrainSet,
+    transform,
+    *,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    start_step: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    repeats: int = 1,
+    workers: int | None = None,
+    decode_options: dict | None = None,
+    prefetch: int = 2,
+) -> Iterator[TrainBatch]:
     """This process's share of each global batch of an epoch, from `start_step` on.
 
     Rank r takes positions r, r + world_size, ... of each global batch, so the global
@@ -421,5 +443,7 @@ def check_classes(saved: Sequence[str], now: Sequence[str]) -> None:
             what.append("new: " + ", ".join(repr(x) for x in extra[:5]))
         if missing:
             what.append("missing: " + ", ".join(repr(x) for x in missing[:5]))
-        raise DatasetError(f"the data's classes differ from the run's ({'; '.join(what) or 'another order'})",
-                           "resume with the data the run started with, or start a new run")  # fmt: skip
+        raise DatasetError(
+            f"the data's classes differ from the run's ({'; '.join(what) or 'another order'})",
+            "resume with the data the run started with, or start a new run",
+        )

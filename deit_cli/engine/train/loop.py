@@ -215,13 +215,18 @@ class Teacher(nn.Module):
         self.net = net.eval().requires_grad_(False)
         self.fast = fast  # a DeiT teacher runs on the inference engine's fast path (engine.runner)
         self.adapt = expects is not None and (
-            expects.image_size != student.image_size or tuple(expects.mean) != tuple(student.mean)
-            or tuple(expects.std) != tuple(student.std))  # fmt: skip
+            expects.image_size != student.image_size
+            or tuple(expects.mean) != tuple(student.mean)
+            or tuple(expects.std) != tuple(student.std)
+        )
         self.size = expects.image_size if expects is not None else student.image_size
         to = expects or student
         self.register_buffer("scale", torch.tensor(student.std).div(torch.tensor(to.std)).view(1, 3, 1, 1), False)
-        self.register_buffer("shift", (torch.tensor(student.mean) - torch.tensor(to.mean)).div(
-            torch.tensor(to.std)).view(1, 3, 1, 1), False)  # fmt: skip
+        self.register_buffer(
+            "shift",
+            (torch.tensor(student.mean) - torch.tensor(to.mean)).div(torch.tensor(to.std)).view(1, 3, 1, 1),
+            False,
+        )
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -258,9 +263,11 @@ def load_teacher(spec: str, weights: str | None, num_classes: int) -> tuple[nn.M
             except RuntimeError as e:
                 raise UsageError(f"--teacher {spec}: {e}") from None
             cfg = net.pretrained_cfg
-            expects = Preprocessing(image_size=cfg.get("input_size", (3, 224, 224))[-1],
-                                    mean=tuple(cfg.get("mean", Preprocessing.mean)),
-                                    std=tuple(cfg.get("std", Preprocessing.std)))  # fmt: skip
+            expects = Preprocessing(
+                image_size=cfg.get("input_size", (3, 224, 224))[-1],
+                mean=tuple(cfg.get("mean", Preprocessing.mean)),
+                std=tuple(cfg.get("std", Preprocessing.std)),
+            )
         _load_teacher_weights(net, Path(weights), spec, num_classes)
         return net, expects, spec
     if weights is not None:
@@ -269,8 +276,10 @@ def load_teacher(spec: str, weights: str | None, num_classes: int) -> tuple[nn.M
 
     net = load_model(spec)
     if net.config.num_classes != num_classes:
-        raise CheckpointError(f"teacher {spec} has {net.config.num_classes} classes, the data has {num_classes}",
-                              "the teacher must be trained on the same classes")  # fmt: skip
+        raise CheckpointError(
+            f"teacher {spec} has {net.config.num_classes} classes, the data has {num_classes}",
+            "the teacher must be trained on the same classes",
+        )
     return net, net.preprocessing, spec
 
 
@@ -293,15 +302,25 @@ def _load_teacher_weights(net: nn.Module, path: Path, spec: str, num_classes: in
         k = shaped[-1]
         got, want = tuple(sd[k].shape), tuple(expected[k].shape)
         if got[:1] != want[:1] and want[:1] == (num_classes,):
-            raise CheckpointError(f"{path}: the teacher has {got[0]} classes ({k} {got}), the data has {num_classes}",
-                                  "the teacher must be trained on the same classes")  # fmt: skip
+            raise CheckpointError(
+                f"{path}: the teacher has {got[0]} classes ({k} {got}), the data has {num_classes}",
+                "the teacher must be trained on the same classes",
+            )
         raise CheckpointError(f"{path}: does not fit {spec}: {k} is {got}, expected {want}")
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     if missing or unexpected:
-        raise CheckpointError(f"{path}: does not fit {spec}: "
-                              + "; ".join(x for x in (missing and f"missing {', '.join(missing[:3])}",
-                                                      unexpected and f"unexpected {', '.join(unexpected[:3])}") if x))  # fmt: skip
+        raise CheckpointError(
+            f"{path}: does not fit {spec}: "
+            + "; ".join(
+                x
+                for x in (
+                    missing and f"missing {', '.join(missing[:3])}",
+                    unexpected and f"unexpected {', '.join(unexpected[:3])}",
+                )
+                if x
+            )
+        )
     net.load_state_dict(sd)
 
 
@@ -356,8 +375,9 @@ def build_student(opts: TrainOptions, classes: list[str], events: Events) -> Dei
 
         model = load_model(opts.model, image_size=opts.image_size)
         if model.config.num_classes != n:
-            events.note(f"{opts.model} has {model.config.num_classes} classes, the data {n}: "
-                        "classifier heads re-initialised")  # fmt: skip
+            events.note(
+                f"{opts.model} has {model.config.num_classes} classes, the data {n}: classifier heads re-initialised"
+            )
             model = _rebuild(model, replace(model.config, num_classes=n), opts.seed)
     cfg = model.config
     if opts.teacher is not None:
@@ -470,9 +490,17 @@ def train_one_epoch(run: _Run, epoch: int, start_step: int, save_checkpoint) -> 
     sums = run.running or {"loss": 0.0, "samples": 0, "failed": [], "seconds": 0.0}
     started = time.perf_counter()
     batches = train_data.iter_epoch(
-        run.sets.train, run.transform, batch_size=r.batch_size, seed=opts.seed, epoch=epoch, start_step=start_step,
-        rank=run.rank, world_size=run.world, repeats=r.repeated_aug, workers=opts.workers,
-    )  # fmt: skip
+        run.sets.train,
+        run.transform,
+        batch_size=r.batch_size,
+        seed=opts.seed,
+        epoch=epoch,
+        start_step=start_step,
+        rank=run.rank,
+        world_size=run.world,
+        repeats=r.repeated_aug,
+        workers=opts.workers,
+    )
     lr = lr_at(run.global_step, r, run.steps_per_epoch)
     try:
         for batch in batches:
@@ -501,9 +529,15 @@ def train_one_epoch(run: _Run, epoch: int, start_step: int, save_checkpoint) -> 
     loss_sum, samples, seconds = _all_sum([sums["loss"], float(sums["samples"]), sums["seconds"]])
     failed = [f for rank_failed in distributed.gather_objects(sums["failed"]) for f in rank_failed]
     run.running = {}
-    return {"lr": lr, "train_loss": loss_sum / max(samples, 1), "train_images": int(samples),
-            "images_per_s": samples / max(seconds / run.world, 1e-9), "seconds": seconds / run.world,
-            "skipped": len(failed), "skipped_images": failed}  # fmt: skip
+    return {
+        "lr": lr,
+        "train_loss": loss_sum / max(samples, 1),
+        "train_images": int(samples),
+        "images_per_s": samples / max(seconds / run.world, 1e-9),
+        "seconds": seconds / run.world,
+        "skipped": len(failed),
+        "skipped_images": failed,
+    }
 
 
 def _step(run: _Run, batch: train_data.TrainBatch, epoch: int) -> tuple[float, int]:
@@ -517,8 +551,11 @@ def _step(run: _Run, batch: train_data.TrainBatch, epoch: int) -> tuple[float, i
     y = batch.targets.to(run.device, non_blocking=True)
     if n_local == 0:  # this rank's images all failed: take part in the gradient sum with zero
         x = torch.zeros((1, 3, run.model.config.image_size, run.model.config.image_size), device=run.device)
-        y = (torch.zeros((1, run.model.config.num_classes), device=run.device) if run.sets.train.multi_label
-             else torch.zeros(1, dtype=torch.long, device=run.device))  # fmt: skip
+        y = (
+            torch.zeros((1, run.model.config.num_classes), device=run.device)
+            if run.sets.train.multi_label
+            else torch.zeros(1, dtype=torch.long, device=run.device)
+        )
     if run.mixup.active and x.shape[0] > 1:
         x, y = run.mixup(x, y, np.random.default_rng(train_data.sample_seed(run.opts.seed, epoch, -1 - batch.step)))
     micro = max(1, min(run.opts.grad_accum, x.shape[0]))
@@ -560,8 +597,9 @@ class _Diverged(Exception):
 
 
 @torch.no_grad()
-def evaluate(model: DeiT, val: train_data.TrainSet, *, device: torch.device, amp_dtype, batch_size: int,
-             workers: int | None) -> dict:  # fmt: skip
+def evaluate(
+    model: DeiT, val: train_data.TrainSet, *, device: torch.device, amp_dtype, batch_size: int, workers: int | None
+) -> dict:
     """Top-1 and top-5 (percent) and cross-entropy of `model` (inference heads) on `val`,
     summed over ranks."""
     from ...images.batches import iter_batches
@@ -592,14 +630,27 @@ def evaluate(model: DeiT, val: train_data.TrainSet, *, device: torch.device, amp
     failed = [f for rank_failed in distributed.gather_objects(failed) for f in rank_failed]
     model.train(was_training)
     # percentages, as `deit eval` and timm report them
-    return {"val_top1": 100 * correct1 / seen if seen else None, f"val_top{k}": 100 * correctk / seen if seen else None,
-            "val_loss": loss_sum / seen if seen else None, "val_images": int(seen), "val_skipped": len(failed),
-            "val_skipped_images": failed}  # fmt: skip
+    return {
+        "val_top1": 100 * correct1 / seen if seen else None,
+        f"val_top{k}": 100 * correctk / seen if seen else None,
+        "val_loss": loss_sum / seen if seen else None,
+        "val_images": int(seen),
+        "val_skipped": len(failed),
+        "val_skipped_images": failed,
+    }
 
 
 @torch.no_grad()
-def evaluate_multi_label(model: DeiT, val: train_data.TrainSet, *, device: torch.device, amp_dtype, batch_size: int,
-                         workers: int | None, threshold: float) -> dict:  # fmt: skip
+def evaluate_multi_label(
+    model: DeiT,
+    val: train_data.TrainSet,
+    *,
+    device: torch.device,
+    amp_dtype,
+    batch_size: int,
+    workers: int | None,
+    threshold: float,
+) -> dict:
     """mAP, F1 and IoU (micro and macro) at `threshold`, with `deit eval`'s definitions
     (engine.evaluate.MultiLabelMetrics), and the BCE loss of `model` on `val`; every
     rank's scores are gathered, so the metrics are exact under torchrun."""
@@ -631,11 +682,18 @@ def evaluate_multi_label(model: DeiT, val: train_data.TrainSet, *, device: torch
     model.train(was_training)
     d = metrics.to_dict(val.classes)
     seen = d["images"]
-    return {"val_map": d["map"], "val_f1_micro": d["f1_micro"], "val_f1_macro": d["f1_macro"],
-            "val_iou_micro": d["iou_micro"], "val_iou_macro": d["iou_macro"], "val_threshold": threshold,
-            "val_loss": loss_sum / (seen * len(val.classes)) if seen else None,  # per element, as in training
-            "val_images": seen, "val_skipped": d["failed"],
-            "val_skipped_images": [f["error"] for f in d["failed_images"]]}  # fmt: skip
+    return {
+        "val_map": d["map"],
+        "val_f1_micro": d["f1_micro"],
+        "val_f1_macro": d["f1_macro"],
+        "val_iou_micro": d["iou_micro"],
+        "val_iou_macro": d["iou_macro"],
+        "val_threshold": threshold,
+        "val_loss": loss_sum / (seen * len(val.classes)) if seen else None,  # per element, as in training
+        "val_images": seen,
+        "val_skipped": d["failed"],
+        "val_skipped_images": [f["error"] for f in d["failed_images"]],
+    }
 
 
 # --------------------------------------------------------------------------- files
@@ -672,8 +730,10 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
             raise InputNotFound(f"{run_dir}: no checkpoint.pt to resume from")
         return
     if holds and not force:
-        raise OutputExists(f"{run_dir}: already holds a run ({', '.join(holds)})",
-                           "continue it with --resume, or replace it with --force")  # fmt: skip
+        raise OutputExists(
+            f"{run_dir}: already holds a run ({', '.join(holds)})",
+            "continue it with --resume, or replace it with --force",
+        )
 
 
 def create_run_dir(run_dir: Path, *, resume: bool) -> None:
@@ -715,23 +775,30 @@ def _train(opts: TrainOptions, events: Events) -> dict:
     started = time.perf_counter()
     check_threshold(opts.threshold)
     if opts.multi_label and opts.teacher is not None:
-        raise UsageError("--teacher with --multi-label: distillation is for single-label training only",
-                         "train the multi-label model without a teacher")  # fmt: skip
+        raise UsageError(
+            "--teacher with --multi-label: distillation is for single-label training only",
+            "train the multi-label model without a teacher",
+        )
     prepare_run_dir(opts.run_dir, resume=opts.resume, force=opts.force)
     ckpt = None
     if opts.resume:
         ckpt = read_run_checkpoint(opts.run_dir / "checkpoint.pt")
         if opts.multi_label and not ckpt.get("multi_label", False):
-            raise UsageError(f"{opts.run_dir}: the run is single-label; --multi-label cannot change it on resume",
-                             "start a new run for multi-label training")  # fmt: skip
+            raise UsageError(
+                f"{opts.run_dir}: the run is single-label; --multi-label cannot change it on resume",
+                "start a new run for multi-label training",
+            )
         saved = ckpt["args"]
         keep = {k: getattr(opts, k) for k in ("device", "workers", "compile", "resume_epochs")}
         fixed = ("recipe", "config", "run_dir", "data", "resume", "force", *keep)
-        opts = replace(opts, **{k: v for k, v in saved.items() if k in TrainOptions.__dataclass_fields__
-                                and k not in fixed},
-                       recipe=Recipe.from_dict(saved["recipe"]),
-                       config=DeiTConfig.from_dict(saved["config"]) if saved.get("config") else None,
-                       resume=True, **keep)  # fmt: skip
+        opts = replace(
+            opts,
+            **{k: v for k, v in saved.items() if k in TrainOptions.__dataclass_fields__ and k not in fixed},
+            recipe=Recipe.from_dict(saved["recipe"]),
+            config=DeiTConfig.from_dict(saved["config"]) if saved.get("config") else None,
+            resume=True,
+            **keep,
+        )
         if opts.resume_epochs is not None:
             opts = replace(opts, recipe=replace(opts.recipe, epochs=opts.resume_epochs))
             if opts.resume_epochs < ckpt["epoch"]:
@@ -744,8 +811,9 @@ def _train(opts: TrainOptions, events: Events) -> dict:
     if opts.tau <= 0:
         raise UsageError(f"--tau must be positive, not {opts.tau:g}")
     kind = _distillation_kind(opts)
-    sets = train_data.find_sets(opts.data, val=opts.val, val_split=opts.val_split,
-                                multi_label=True if opts.multi_label else None)  # fmt: skip
+    sets = train_data.find_sets(
+        opts.data, val=opts.val, val_split=opts.val_split, multi_label=True if opts.multi_label else None
+    )
     classes = sets.train.classes
     multi = sets.train.multi_label
     if sets.skipped:
@@ -756,13 +824,16 @@ def _train(opts: TrainOptions, events: Events) -> dict:
             raise train_data.DatasetError(
                 f"{opts.run_dir}: the run is {was}, but the data is {now}"
                 + (" (it gives lists of labels)" if multi else ""),
-                "resume with the data the run started with, or start a new run")  # fmt: skip
+                "resume with the data the run started with, or start a new run",
+            )
         train_data.check_classes(ckpt["classes"], classes)
     threshold = 0.5 if opts.threshold is None else float(opts.threshold)
     if multi:
         if opts.teacher is not None:
-            raise UsageError("--teacher with multi-label data (lists of labels): distillation is for single-label "
-                             "training only", "train the multi-label model without a teacher")  # fmt: skip
+            raise UsageError(
+                "--teacher with multi-label data (lists of labels): distillation is for single-label training only",
+                "train the multi-label model without a teacher",
+            )
         if recipe.smoothing:
             events.note(f"label smoothing ({recipe.smoothing:g}) does not apply to multi-label training: off")
             recipe = replace(recipe, smoothing=0.0)
@@ -798,8 +869,10 @@ def _train(opts: TrainOptions, events: Events) -> dict:
             fast = prepare(net, device=device, dtype=amp_dtype or torch.float32, compile=opts.compile)
         teacher = Teacher(net, model.preprocessing, expects, fast).to(device)
         if teacher.adapt:
-            events.note(f"the teacher expects {expects.image_size}px with its own mean/std: "
-                        "each batch is resized/renormalised for it")  # fmt: skip
+            events.note(
+                f"the teacher expects {expects.image_size}px with its own mean/std: "
+                "each batch is resized/renormalised for it"
+            )
 
     student: nn.Module = TrainingHeads(model)
     if world > 1:
@@ -809,17 +882,42 @@ def _train(opts: TrainOptions, events: Events) -> dict:
     if opts.compile:
         student = torch.compile(student)
     fused = device.type in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.peak_lr(), betas=recipe.betas,
-                                  eps=recipe.opt_eps, fused=fused)  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        param_groups(model, recipe.weight_decay),
+        lr=recipe.peak_lr(),
+        betas=recipe.betas,
+        eps=recipe.opt_eps,
+        fused=fused,
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = ModelEma(model, recipe.ema_decay) if recipe.model_ema else None
     mixup = Mixup(recipe.mixup, recipe.cutmix, recipe.mixup_switch_prob, recipe.smoothing, len(classes))
-    criterion = DistillationLoss(base_loss(soft_targets=mixup.active, smoothing=recipe.smoothing, multi_label=multi),
-                                 kind, opts.alpha, opts.tau)  # fmt: skip
+    criterion = DistillationLoss(
+        base_loss(soft_targets=mixup.active, smoothing=recipe.smoothing, multi_label=multi), kind, opts.alpha, opts.tau
+    )
     n_order = len(sets.train)
     spe = train_data.steps_per_epoch(n_order, recipe.batch_size)
-    run = _Run(opts, recipe, model, student, teacher, criterion, optimizer, scaler, ema, mixup, device, amp_dtype,
-               build_transform(model.preprocessing, recipe), sets, spe, rank, world, _StopFlag(), events)  # fmt: skip
+    run = _Run(
+        opts,
+        recipe,
+        model,
+        student,
+        teacher,
+        criterion,
+        optimizer,
+        scaler,
+        ema,
+        mixup,
+        device,
+        amp_dtype,
+        build_transform(model.preprocessing, recipe),
+        sets,
+        spe,
+        rank,
+        world,
+        _StopFlag(),
+        events,
+    )
 
     start_epoch, start_step = 0, 0
     best_key = "val_map" if multi else "val_top1"  # what "best" is judged by
@@ -841,10 +939,20 @@ def _train(opts: TrainOptions, events: Events) -> dict:
     history = _read_metrics(metrics_path, start_epoch) if ckpt is not None else []
 
     def plain_summary(epoch_done: int) -> dict:
-        out = {"epochs": epoch_done, "steps": run.global_step, "classes": classes, "recipe": recipe.name,
-               "distillation": kind, "teacher": opts.teacher, "train_images": len(sets.train),
-               "val_images": len(sets.val) if sets.val else 0, f"best_{best_key}": best[best_key],
-               "best_epoch": best["epoch"], "source": model.origin, "multi_label": multi}  # fmt: skip
+        out = {
+            "epochs": epoch_done,
+            "steps": run.global_step,
+            "classes": classes,
+            "recipe": recipe.name,
+            "distillation": kind,
+            "teacher": opts.teacher,
+            "train_images": len(sets.train),
+            "val_images": len(sets.val) if sets.val else 0,
+            f"best_{best_key}": best[best_key],
+            "best_epoch": best["epoch"],
+            "source": model.origin,
+            "multi_label": multi,
+        }
         if multi:
             out["threshold"] = threshold
         return out
@@ -853,15 +961,27 @@ def _train(opts: TrainOptions, events: Events) -> dict:
         path = opts.run_dir / "checkpoint.pt"
         if rank == 0:
             state = {
-                "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": model.config.to_dict(),
-                "classes": classes, "preprocessing": _plain_pre(model.preprocessing), "source": model.origin or "",
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "format": CHECKPOINT_FORMAT,
+                "model": model.state_dict(),
+                "config": model.config.to_dict(),
+                "classes": classes,
+                "preprocessing": _plain_pre(model.preprocessing),
+                "source": model.origin or "",
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
                 "ema": ema.module.state_dict() if ema is not None else None,
-                "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": run.global_step,
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-                "args": opts.to_plain(), "best": best, "running": run.running, "multi_label": multi,
-            }  # fmt: skip
+                "epoch": epoch,
+                "step_in_epoch": step_in_epoch,
+                "global_step": run.global_step,
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                },
+                "args": opts.to_plain(),
+                "best": best,
+                "running": run.running,
+                "multi_label": multi,
+            }
             buffer = io.BytesIO()  # serialised first, so that a failing write is an OSError (exit 74)
             torch.save(state, buffer)
             with atomic_path(path) as tmp:
@@ -877,20 +997,38 @@ def _train(opts: TrainOptions, events: Events) -> dict:
                 record = {"epoch": epoch + 1, **train_one_epoch(run, epoch, start_step, save_checkpoint)}
             except _Diverged as e:
                 last = opts.run_dir / "checkpoint.pt"
-                where = (f"the last good checkpoint is {last}" if last.is_file()
-                         else "no checkpoint was saved yet")  # fmt: skip
-                raise TrainingDiverged(f"loss is {e.value} at epoch {epoch + 1}, step {run.global_step % spe + 1}; "
-                                       f"stopped ({where})", "lower --lr, or check the data and the model") from None
+                where = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was saved yet"
+                raise TrainingDiverged(
+                    f"loss is {e.value} at epoch {epoch + 1}, step {run.global_step % spe + 1}; stopped ({where})",
+                    "lower --lr, or check the data and the model",
+                ) from None
             start_step = 0
             evaluated = ema.module if ema is not None else model
             if sets.val is not None:
                 batch = max(1, recipe.batch_size // world)
                 if multi:
-                    record.update(evaluate_multi_label(evaluated, sets.val, device=device, amp_dtype=amp_dtype,
-                                                       batch_size=batch, workers=opts.workers, threshold=threshold))
+                    record.update(
+                        evaluate_multi_label(
+                            evaluated,
+                            sets.val,
+                            device=device,
+                            amp_dtype=amp_dtype,
+                            batch_size=batch,
+                            workers=opts.workers,
+                            threshold=threshold,
+                        )
+                    )
                 else:
-                    record.update(evaluate(evaluated, sets.val, device=device, amp_dtype=amp_dtype, batch_size=batch,
-                                           workers=opts.workers))  # fmt: skip
+                    record.update(
+                        evaluate(
+                            evaluated,
+                            sets.val,
+                            device=device,
+                            amp_dtype=amp_dtype,
+                            batch_size=batch,
+                            workers=opts.workers,
+                        )
+                    )
                 score = record[best_key]
                 if score is not None and (best[best_key] is None or score > best[best_key]):
                     best = {best_key: score, "epoch": epoch + 1}
@@ -906,27 +1044,42 @@ def _train(opts: TrainOptions, events: Events) -> dict:
             if rank == 0:
                 events.epoch_end(record)
             if stop:
-                raise TrainingInterrupted(f"interrupted after epoch {epoch + 1}; checkpoint saved",
-                                          "continue with the same command and --resume")  # fmt: skip
+                raise TrainingInterrupted(
+                    f"interrupted after epoch {epoch + 1}; checkpoint saved",
+                    "continue with the same command and --resume",
+                )
 
     final = ema.module if ema is not None else model
     summary = plain_summary(recipe.epochs)
-    summary["final"] = {k: v for k, v in (history[-1] if history else {}).items() if not k.endswith("_images")
-                        or k in ("train_images", "val_images")}  # fmt: skip
+    summary["final"] = {
+        k: v
+        for k, v in (history[-1] if history else {}).items()
+        if not k.endswith("_images") or k in ("train_images", "val_images")
+    }
     model_path = opts.run_dir / "model.safetensors"
     if rank == 0:
         save_model(model_path, final, summary)
         if sets.val is None:  # no validation: the best model is the last one
             save_model(opts.run_dir / "best.safetensors", final, summary)
     distributed.barrier()
-    summary.update(run_dir=str(opts.run_dir), model=str(model_path), best=str(opts.run_dir / "best.safetensors"),
-                   seconds=time.perf_counter() - started)  # fmt: skip
+    summary.update(
+        run_dir=str(opts.run_dir),
+        model=str(model_path),
+        best=str(opts.run_dir / "best.safetensors"),
+        seconds=time.perf_counter() - started,
+    )
     return summary
 
 
 def _plain_pre(pre: Preprocessing) -> dict:
-    return {"image_size": pre.image_size, "crop_pct": pre.crop_pct, "interpolation": pre.interpolation,
-            "mean": list(pre.mean), "std": list(pre.std), "resize_mode": pre.resize_mode}  # fmt: skip
+    return {
+        "image_size": pre.image_size,
+        "crop_pct": pre.crop_pct,
+        "interpolation": pre.interpolation,
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+        "resize_mode": pre.resize_mode,
+    }
 
 
 def _dtype_key(name: str) -> str:

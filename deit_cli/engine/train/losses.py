@@ -93,9 +93,12 @@ class DistillationLoss(nn.Module):
         self.base, self.kind, self.alpha, self.tau = base, kind, alpha, tau
 
     def forward(
-        self, cls_logits: torch.Tensor, dist_logits: torch.Tensor | None, teacher_logits: torch.Tensor | None,
+        self,
+        cls_logits: torch.Tensor,
+        dist_logits: torch.Tensor | None,
+        teacher_logits: torch.Tensor | None,
         target: torch.Tensor,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         base = self.base(cls_logits, target)
         if self.kind == "none":
             return base
