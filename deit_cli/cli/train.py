@@ -36,6 +36,7 @@ class Distillation(str, Enum):
 
 
 def train(
+    ctx: typer.Context,
     data: Annotated[
         str,
         typer.Argument(
@@ -196,7 +197,6 @@ def train(
     ] = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
-    ctx: typer.Context = None,
 ) -> None:
     """Fine-tune a DeiT (or train one from scratch) on a labelled image set, optionally distilling a teacher through the distillation token, as in the paper.
 
@@ -314,12 +314,11 @@ _FIELDS = {
 
 def _given(ctx: typer.Context | None, overrides: dict) -> frozenset[str]:
     """The TrainOptions and recipe fields the user gave explicitly (what --resume checks)."""
-    from click.core import ParameterSource
-
     given = {k for k, v in overrides.items() if v is not None}
     if ctx is not None:
         for name in ctx.params:
-            if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            source = ctx.get_parameter_source(name)
+            if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
                 field = _FIELDS.get(name, name)
                 if field is not None and name not in overrides and name != "model_ema_decay":
                     given.add(field)
