@@ -323,3 +323,29 @@ def test_torchrun_makes_one_reduction_per_step(tmp_path):
     counts = [int(line.split()[-1]) for line in proc.stdout.splitlines() if line.startswith("ALL_REDUCE")]
     # 6 steps: one exchange each, one before the first, and the epoch's sums and stop check
     assert len(counts) == 2 and all(c <= 6 + 4 for c in counts), counts
+
+
+def test_the_hires_recipe_fine_tunes_at_384(tmp_path, run_cpu):
+    from test_train import tiny_model
+
+    from deit_cli.engine.train.student import build_student
+
+    recipe = resolve_recipe("hires", {})
+    assert (recipe.epochs, recipe.batch_size, recipe.peak_lr(), recipe.min_lr, recipe.weight_decay) == (
+        30, 512, 5e-6, 5e-6, 1e-8,
+    )  # fmt: skip
+    assert recipe.rand_augment == "rand-m9-mstd0.5-inc1" and (recipe.mixup, recipe.cutmix) == (0.8, 1.0)
+    source = tiny_model(tmp_path / "tiny.safetensors", distilled=False)
+    opts = TrainOptions(data="", run_dir=tmp_path / "run", recipe=recipe, model=str(source))
+    assert build_student(opts, sorted(CLASSES), Events()).config.image_size == 384
+    data = make_set(tmp_path / "data", 2)
+    rc, out, err = run_cpu(
+        "train", data, "-o", tmp_path / "run", "-m", source, "--recipe", "hires", "--image-size", "40",
+        "--epochs", "1", "--batch-size", "6", "--json",
+    )  # fmt: skip
+    assert rc == 0, err
+    import json
+
+    summary = json.loads(out)
+    assert summary["recipe"] == "hires"
+    assert load_weights(tmp_path / "run" / "model.safetensors")["pos_embed"].shape[1] == 1 + 25  # 40 px, patch 8

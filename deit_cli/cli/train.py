@@ -26,6 +26,7 @@ from .options import (
 class RecipeName(str, Enum):
     scratch = "scratch"
     finetune = "finetune"
+    hires = "hires"
     plain = "plain"
 
 
@@ -67,11 +68,15 @@ def train(
         RecipeName | None,
         typer.Option(
             "--recipe",
-            help="Defaults for every flag below: scratch, "
-            "finetune (default from pretrained weights) or plain (nothing random but the data order).",
+            help="Defaults for every flag below: scratch, finetune (default from pretrained weights), "
+            "hires (fine-tune trained weights at 384 px, the original README's) or plain (nothing random but the "
+            "data order).",
         ),
     ] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Epochs (recipe: 300 / 30 / 10).")] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option("--epochs", min=1, help="Epochs (recipe: scratch 300, finetune 30, hires 30, plain 10)."),
+    ] = None,
     batch_size: Annotated[
         int | None,
         typer.Option(
