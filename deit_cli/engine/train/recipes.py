@@ -126,5 +126,5 @@ def _check(r: Recipe) -> None:
     need(0 <= r.reprob <= 1, "--reprob must be in [0, 1]")
     need(0 <= r.drop_path < 1, "--drop-path must be in [0, 1)")
     need(r.repeated_aug >= 1, "--repeated-aug must be at least 1")
-    need(0 < r.ema_decay < 1, "--ema-decay must be in (0, 1)")
+    need(0 < r.ema_decay < 1, "--model-ema-decay must be in (0, 1)")
     need(r.clip_grad is None or r.clip_grad > 0, "--clip-grad must be positive")
