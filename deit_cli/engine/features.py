@@ -260,10 +260,16 @@ class NpyWriter:
 
 def _write_npy(results: Iterable[Features], path: Path, side: Path | None, shape, dtype: str) -> int:
     """Good results' features as rows of `path`; one JSON line per input in `side`
-    (`_row_records`). Returns the number of rows."""
-    with NpyWriter(path, shape, dtype) as writer, open(side, "w", encoding="utf-8") if side else _Null() as f:
-        for rec in _row_records(results, writer):
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    (`_row_records`), when given. Returns the number of rows."""
+    with NpyWriter(path, shape, dtype) as writer:
+        records = _row_records(results, writer)
+        if side is None:
+            for _ in records:
+                pass
+        else:
+            with open(side, "w", encoding="utf-8") as f:
+                for rec in records:
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         return writer.count
 
 
@@ -279,17 +285,6 @@ def _row_records(results: Iterable[Features], writer: NpyWriter) -> Iterator[dic
         else:
             rec = {"path": r.path, "error": r.error}
         yield rec
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-    def write(self, text: str) -> None:
-        pass
 
 
 def _npy_to_safetensors(rows: Path, dst: Path, shape: tuple[int, ...], dtype: str, metadata: dict[str, str]) -> None:
