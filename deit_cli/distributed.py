@@ -34,6 +34,7 @@ __all__ = [
     "interleave",
     "barrier",
     "all_reduce_sum",
+    "sum_across",
     "gather_objects",
     "broadcast_object",
     "shared_tempdir",
@@ -172,6 +173,15 @@ def all_reduce_sum(tensor):
         else:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def sum_across(values: list[float]) -> list[float]:
+    """Each number summed over all ranks (float64); the numbers themselves in one process."""
+    if not _active():
+        return list(values)
+    import torch
+
+    return all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
 
 
 def gather_objects(obj: Any) -> list[Any]:

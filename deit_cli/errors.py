@@ -18,6 +18,7 @@ EXIT_IO = 74
 EXIT_OUT_OF_MEMORY = 75  # EX_TEMPFAIL: it may work again with a smaller batch
 EXIT_DENIED = 77
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM: stopped by a cluster (preemption), checkpoint saved
 
 
 class DeiTError(Exception):

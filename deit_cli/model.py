@@ -55,6 +55,22 @@ class Block(nn.Module):
         x = x + _drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
         return x + _drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
+    def forward_prefix(self, x: torch.Tensor, P: int) -> torch.Tensor:
+        """`self(x)[:, :P]`, computing only what those rows need: the queries, projection
+        and MLP of the first P (class, distillation) tokens; keys and values of all. The
+        last block's rows are all the heads read, so training and inference use this."""
+        B, N, C = x.shape
+        H = self.attn.num_heads
+        h = self.norm1(x)
+        w, b = self.attn.qkv.weight, self.attn.qkv.bias
+        q = F.linear(h[:, :P], w[:C], b[:C] if b is not None else None)  # (B, P, C)
+        kv = F.linear(h, w[C:], b[C:] if b is not None else None)  # (B, N, 2C)
+        q = q.view(B, P, H, C // H).transpose(1, 2)  # (B, heads, P, head_dim)
+        k, v = kv.view(B, N, 2, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, heads, N, head_dim)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, P, C)  # (B, P, C)
+        y = x[:, :P] + _drop_path(self.attn.proj(a), self.drop_path, self.training)
+        return y + _drop_path(self.mlp(self.norm2(y)), self.drop_path, self.training)
+
 
 def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth: drop the whole residual branch of a sample with probability p

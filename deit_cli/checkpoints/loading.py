@@ -155,7 +155,7 @@ def build_model(ckpt: Checkpoint, *, image_size: int | None = None) -> DeiT:
             sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], config.grid_size, config.num_prefix_tokens)
     with torch.device("meta"):
         model = DeiT(config)
-    _check_strict(model, sd, ckpt.path)
+    check_state_dict(model, sd, ckpt.path)
     for k, v in sd.items():
         if not torch.isfinite(v).all():
             warnings.warn(f"{ckpt.path}: {k} contains NaN or infinite values", DeiTWarning, stacklevel=2)
@@ -206,7 +206,9 @@ def random_model(source: str, *, image_size: int | None = None, seed: int = 0) -
     return model
 
 
-def _check_strict(model: DeiT, sd: dict[str, torch.Tensor], path: Path) -> None:
+def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str | Path) -> None:
+    """`sd` holds exactly `model`'s tensors, shape for shape; else one CheckpointError naming
+    what is missing, unexpected or mis-shaped (strict loading, as timm's)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
@@ -223,7 +225,7 @@ def _check_strict(model: DeiT, sd: dict[str, torch.Tensor], path: Path) -> None:
     if shaped:
         problems.append("mis-shaped tensors: " + _few(shaped))
     if problems:
-        raise CheckpointError(f"{path}: " + "; ".join(problems))
+        raise CheckpointError(f"{where}: " + "; ".join(problems))
 
 
 def _few(items: list[str], n: int = 4) -> str:

@@ -15,7 +15,6 @@ from . import output
 from .options import (
     DEFAULT_MODEL_NAME,
     DeviceOpt,
-    DtypeOpt,
     ForceOpt,
     JsonOpt,
     ModelOpt,
@@ -162,7 +161,14 @@ def train(
     ] = False,
     force: ForceOpt = False,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "fp32",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            "--dtype",
+            help="Training precision (autocast; fp32 master weights): auto (bf16 on a CUDA GPU that has it, "
+            "fp32 elsewhere), fp32, bf16 or fp16.",
+        ),
+    ] = "auto",
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the student.")] = False,
     grad_accum: Annotated[
         int,
@@ -171,16 +177,38 @@ def train(
         ),
     ] = 1,
     workers: WorkersOpt = None,
+    log_every: Annotated[
+        int | None,
+        typer.Option(
+            "--log-every",
+            min=1,
+            help="Read the loss every N steps (each read waits for the device) [default: 1 on CPU, 20 on a GPU].",
+            show_default=False,
+        ),
+    ] = None,
+    checkpoint_every: Annotated[
+        float | None,
+        typer.Option(
+            "--checkpoint-every",
+            metavar="MINUTES",
+            help="Also save checkpoint.pt mid-epoch every this many minutes (a preempted run loses at most that).",
+        ),
+    ] = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
+    ctx: typer.Context = None,
 ) -> None:
     """Fine-tune a DeiT (or train one from scratch) on a labelled image set, optionally distilling a teacher through the distillation token, as in the paper.
 
-    RUN_DIR receives model.safetensors (final weights; EMA weights with --model-ema), best.safetensors, checkpoint.pt (resume with --resume) and metrics.jsonl. Ctrl-C saves a checkpoint at the next step and exits 130.
+    RUN_DIR receives model.safetensors (the raw weights at the end: what the paper reports), best.safetensors (the raw weights of the best validation epoch), ema.safetensors (with --model-ema), checkpoint.pt (resume with --resume) and metrics.jsonl. Ctrl-C or SIGTERM (preemption) saves a checkpoint at the next step and exits 130 / 143; --checkpoint-every saves mid-epoch too.
+
+    --resume continues the run with its saved settings: a flag given again must agree with them (only --epochs, --device, --workers, --compile, --log-every and --checkpoint-every may change).
+
+    Under torchrun the same command trains the same model on any number of processes when mixup/cutmix and drop path are off (--recipe plain, or --mixup 0 --cutmix 0 --drop-path 0): mixup pairs images within each process's share, and drop path draws per process.
 
     Multi-label (--multi-label, implied by lists of labels): BCE on the class head, validation mAP and F1/IoU at --threshold, best.safetensors by mAP; the saved models are multi-label.
 
-    Exit codes: 2 bad flags, 65 bad data, teacher or a non-finite loss, 66 data not found, 73 RUN_DIR holds a run (use --resume or --force), 74 write failed, 130 interrupted.
+    Exit codes: 2 bad flags, 65 bad data, teacher or a non-finite loss, 66 data not found, 73 RUN_DIR holds a run (use --resume or --force), 74 write failed, 130 interrupted, 143 terminated (SIGTERM).
     """
     from .. import distributed
     from ..config import DeiTConfig
@@ -246,6 +274,9 @@ def train(
         resume_epochs=epochs if resume else None,
         multi_label=multi_label,
         threshold=threshold,
+        log_every=log_every,
+        checkpoint_every=checkpoint_every,
+        given=_given(ctx, overrides),
     )
     output.set_batch_size(opts.recipe.batch_size)
     main = distributed.is_main()
@@ -266,6 +297,33 @@ def train(
             + (f"; multi-label, threshold {summary['threshold']:g}" if summary.get("multi_label") else "")
             + f"; model: {summary['model']}"
         )
+
+
+# The flags (by parameter name) that are TrainOptions fields of another name, or no field.
+_FIELDS = {
+    "compile_": "compile",
+    "epochs": "resume_epochs",
+    "json_": None,
+    "quiet": None,
+    "force": None,
+    "resume": None,
+    "run_dir": None,
+    "data": None,
+}
+
+
+def _given(ctx: typer.Context | None, overrides: dict) -> frozenset[str]:
+    """The TrainOptions and recipe fields the user gave explicitly (what --resume checks)."""
+    from click.core import ParameterSource
+
+    given = {k for k, v in overrides.items() if v is not None}
+    if ctx is not None:
+        for name in ctx.params:
+            if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+                field = _FIELDS.get(name, name)
+                if field is not None and name not in overrides and name != "model_ema_decay":
+                    given.add(field)
+    return frozenset(given)
 
 
 class _Events:
@@ -307,12 +365,13 @@ class _Events:
         self._started, self._images = time.perf_counter(), 0
         self._progress.start()
 
-    def step(self, epoch: int, step: int, loss: float, lr: float, images: int) -> None:
+    def step(self, epoch: int, step: int, loss: float | None, lr: float, images: int) -> None:
         if self._progress is None:
             return
         self._images += images
         rate = self._images / max(time.perf_counter() - self._started, 1e-9)
-        self._progress.update(self._task, advance=1, info=f"loss {loss:.4f}  lr {lr:.2e}  {rate:.1f} img/s")
+        shown = "-" if loss is None else f"{loss:.4f}"
+        self._progress.update(self._task, advance=1, info=f"loss {shown}  lr {lr:.2e}  {rate:.1f} img/s")
 
     def epoch_end(self, record: dict) -> None:
         self.close()
