@@ -97,7 +97,7 @@ MULTI_FORMATS = {
 }
 
 
-def train(run_cpu, data: Path, tmp_path: Path) -> tuple[int, dict, str]:
+def train(run_cpu, data: Path, tmp_path: Path, *extra) -> tuple[int, dict, str]:
     rc, out, err = run_cpu(
         "train",
         data,
@@ -110,13 +110,16 @@ def train(run_cpu, data: Path, tmp_path: Path) -> tuple[int, dict, str]:
         "--epochs",
         "1",
         "--json",
+        *extra,
     )
     return rc, (json.loads(out) if rc == 0 else {}), err
 
 
-def evaluate(run_cpu, data: Path, model: Path, tmp_path: Path) -> tuple[int, dict, list[dict], str]:
+def evaluate(run_cpu, data: Path, model: Path, tmp_path: Path, *extra) -> tuple[int, dict, list[dict], str]:
     predictions = tmp_path / "predictions.jsonl"
-    rc, out, err = run_cpu("eval", data, "-m", model, "--json", "--predictions", predictions, "--topk", "1")
+    rc, out, err = run_cpu(
+        "eval", data, "-m", model, "--json", "--predictions", predictions, "--force", *(extra or ("--topk", "1"))
+    )
     if rc != 0:
         return rc, {}, [], err
     return rc, json.loads(out), [json.loads(line) for line in predictions.read_text().splitlines()], err
@@ -211,3 +214,15 @@ def test_the_reader_does_not_import_torch():
     subprocess.run(
         [sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     )
+
+
+def test_a_runs_validation_is_what_eval_says_of_its_model(tmp_path, run_cpu):
+    """Training validates with engine.metrics, as `deit eval` counts: the same numbers."""
+    images(tmp_path, SINGLE)
+    data = delimited(tmp_path, SINGLE, "set.csv", sep=",", header=True)
+    rc, _, err = train(run_cpu, data, tmp_path, "--val", data)
+    assert rc == 0, err
+    val = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    rc, s, _, err = evaluate(run_cpu, data, tmp_path / "run" / "model.safetensors", tmp_path, "--topk", "1,3")
+    assert rc == 0, err
+    assert (val["val_images"], val["val_top1"], val["val_top3"]) == (s["images"], s["top1"], s["top3"])
