@@ -45,7 +45,8 @@ def evaluate(
             metavar="SET",
             show_default=False,
             help="Image-folder tree (one subfolder per class, named by WordNet id, class index or label) "
-            "or a list file (CSV/TSV `path,label`; paths relative to the list's folder).",
+            "or a list file (CSV/TSV `path,label`, `a|b` for several; or JSON lines "
+            '{"image_url" or "path": ..., "label": ... or [...]}; paths relative to the list\'s folder).',
         ),
     ],
     model: ModelOpt = DEFAULT_MODEL_NAME,
@@ -53,7 +54,7 @@ def evaluate(
         Path | None,
         typer.Option(
             "--labels",
-            help="A list file (`path,label`) of the images in SET: a folder, its paths relative to it.",
+            help="A list file (`path,label` or JSON lines) of the images in SET: a folder, its paths relative to it.",
         ),
     ] = None,
     label_by: Annotated[
@@ -91,6 +92,7 @@ def evaluate(
     """Top-1/top-5 (any --topk) accuracy on a labelled image set, e.g. ImageNet val.
 
     Accuracy is over the images that decoded; the others are counted and listed as failed.
+    A multi-label model (a set with label lists) gets mAP, F1 and IoU at its threshold.
 
     Exit codes: 0 all evaluated, 1 some images failed, 65 unknown classes or a bad list, 66 nothing to read.
 
