@@ -1,15 +1,18 @@
 """Training throughput of `deit train`'s step beside timm's train.py step, in one run.
 
     PYTHONPATH=. python benchmarks/train_throughput.py [--batch 64] [--steps 3] [--reps 3]
+    PYTHONPATH=. python benchmarks/train_throughput.py --device cuda --batch 256 --steps 20 --reps 5
 
-Both sides train deit-tiny-distilled (random init, no download) with hard distillation
-from the same teacher (a random deit-tiny, the same weights), on the same batch, in the same dtype
-(bf16 autocast where the CPU has native bf16, fp32 otherwise; --dtype to choose):
+Both sides train the same student (random init, no download; deit-small-distilled on CUDA,
+deit-tiny-distilled elsewhere) with hard distillation from the same deit teacher (the same
+weights), on the same batch, in the same dtype (bf16 autocast on CUDA and where the CPU has
+native bf16, fp32 otherwise; --dtype to choose):
 
-- deit: `deit_cli.engine.train.loop._step`, the function `deit train` runs each step
+- deit: `deit_cli.engine.train.loop.Stepper.step`, what `deit train` runs each step
   (our DeiT through TrainingHeads; the teacher on the inference engine's fast path, as
   `--teacher` with a deit source runs it; DistillationLoss; fused AdamW with the release's
-  decay groups; zero_grad(set_to_none=True));
+  decay groups; zero_grad(set_to_none=True)), reading the loss every 20 steps on CUDA as
+  `deit train`'s default --log-every does;
 - timm: what timm's train.py (1.0.23+) does per step with `--distill-type hard`:
   `TokenDistillationTask(model, teacher)` under autocast, loss.backward(),
   `create_optimizer_v2(model, "adamw")`'s step, optimizer.zero_grad(), loss.item().
@@ -30,63 +33,53 @@ from dataclasses import replace
 import torch
 
 
-def deit_step_fn(student_sd, teacher_sd, batch_size: int, amp_dtype, device):
+def deit_step_fn(student_name, teacher_name, student_sd, teacher_sd, amp_dtype, device):
     from deit_cli.engine.runner import prepare
-    from deit_cli.engine.train import loop
     from deit_cli.engine.train.augment import Mixup
-    from deit_cli.engine.train.data import TrainBatch
+    from deit_cli.engine.train.loop import Stepper
     from deit_cli.engine.train.losses import DistillationLoss, base_loss
+    from deit_cli.engine.train.optim import build_optimizer
     from deit_cli.engine.train.recipes import PLAIN
+    from deit_cli.engine.train.student import TrainingHeads
+    from deit_cli.engine.train.teacher import Teacher
     from deit_cli.model import DeiT
     from deit_cli.variants import find_variant
 
-    # the same teacher (timm's deit-tiny, the same weights) as our DeiT, on the inference
-    # engine's fast path, as `deit train --teacher <deit source>` runs it
-    teacher_net = DeiT(find_variant("deit-tiny").config)
+    # the same teacher (timm's weights) as our DeiT, on the inference engine's fast path,
+    # as `deit train --teacher <deit source>` runs it
+    teacher_net = DeiT(find_variant(teacher_name).config)
     teacher_net.load_state_dict(teacher_sd)
     teacher_net.to(device).eval().requires_grad_(False)
     fast = prepare(teacher_net, device=device, dtype=amp_dtype or torch.float32)
-    variant = find_variant("deit-tiny-distilled")
+    variant = find_variant(student_name)
     model = DeiT(variant.config)
     model.load_state_dict(student_sd)
     model.preprocessing = variant.preprocessing
     model.to(device).train().requires_grad_(True)
-    recipe = replace(PLAIN, batch_size=batch_size, lr=5e-4)
-    opts = loop.TrainOptions(data="", run_dir=None, recipe=recipe, teacher="bench")
-    run = loop._Run(
-        opts,
-        recipe,
-        model,
-        loop.TrainingHeads(model),
-        loop.Teacher(teacher_net, variant.preprocessing, None, fast),
+    recipe = replace(PLAIN, lr=5e-4, weight_decay=0.05)
+    stepper = Stepper(
+        TrainingHeads(model), model, Teacher(teacher_net, variant.preprocessing, None, fast),
         DistillationLoss(base_loss(soft_targets=False, smoothing=0.0), "hard", 0.5, 1.0),
-        torch.optim.AdamW(loop.param_groups(model, 0.05), lr=5e-4, fused=True),
-        torch.amp.GradScaler(device.type, enabled=False),
-        None,
-        Mixup(0, 0, 0.5, 0, 1000),
-        device,
-        amp_dtype,
-        None,
-        None,
-        1,
-        0,
-        1,
-        loop._StopFlag(),
-        loop.Events(),
-    )
+        build_optimizer(model, recipe, device), torch.amp.GradScaler(device.type, enabled=False), None,
+        Mixup(0, 0, 0.5, 0, 1000), device=device, amp_dtype=amp_dtype, grad_accum=1, clip_grad=None, world=1,
+    )  # fmt: skip
+    count = [0]
 
     def step(x, y):
-        loop._step(run, TrainBatch(0, x, y, []), 0)
+        stepper.step(x, y, x.shape[0], 0, count[0])
+        count[0] += 1
+        # `deit train` reads the loss every --log-every steps (20 on a GPU), not every step
+        stepper.exchange([], read=count[0] % (20 if device.type == "cuda" else 1) == 0)
 
     return step
 
 
-def timm_step_fn(student_sd, teacher_net, amp_dtype, device):
+def timm_step_fn(student_name, student_sd, teacher_net, amp_dtype, device):
     import timm
     from timm.optim import create_optimizer_v2
     from timm.task import TokenDistillationTask
 
-    model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
+    model = timm.create_model(student_name, pretrained=False)
     model.load_state_dict(student_sd)
     model.to(device).train()
     task = TokenDistillationTask(
@@ -124,6 +117,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--student", help="default: deit_small_distilled_patch16_224 on CUDA, the tiny one elsewhere")
+    ap.add_argument("--teacher", help="default: deit_small_patch16_224 on CUDA, deit_tiny_patch16_224 elsewhere")
     ap.add_argument("--compile", action="store_true", help="torch.compile both students")
     args = ap.parse_args()
 
@@ -135,20 +130,23 @@ def main() -> None:
         args.dtype = "bf16" if native else "fp32"
     amp_dtype = torch.bfloat16 if args.dtype == "bf16" else None
     torch.manual_seed(0)
-    ref = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
+    size = "small" if device.type == "cuda" else "tiny"
+    student_name = args.student or f"deit_{size}_distilled_patch16_224"
+    teacher_name = args.teacher or f"deit_{size}_patch16_224"
+    ref = timm.create_model(student_name, pretrained=False)
     student_sd = {k: v.clone() for k, v in ref.state_dict().items()}
-    teacher = timm.create_model("deit_tiny_patch16_224", pretrained=False).to(device).eval().requires_grad_(False)
+    teacher = timm.create_model(teacher_name, pretrained=False).to(device).eval().requires_grad_(False)
     x = torch.randn(args.batch, 3, 224, 224, device=device)
     y = torch.randint(0, 1000, (args.batch,), device=device)
     teacher_sd = {k: v.clone() for k, v in teacher.state_dict().items()}
     steps = {
-        "deit": deit_step_fn(student_sd, teacher_sd, args.batch, amp_dtype, device),
-        "timm": timm_step_fn(student_sd, teacher, amp_dtype, device),
+        "deit": deit_step_fn(student_name, teacher_name, student_sd, teacher_sd, amp_dtype, device),
+        "timm": timm_step_fn(student_name, student_sd, teacher, amp_dtype, device),
     }
     if args.compile:
         print("note: --compile compiles the step functions' models lazily on the warm-up step")
     print(
-        f"deit-tiny-distilled, hard distillation (teacher: deit-tiny), batch {args.batch}, {args.dtype}, "
+        f"{student_name}, hard distillation (teacher: {teacher_name}), batch {args.batch}, {args.dtype}, "
         f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}"
     )
     rates: dict[str, list[float]] = {k: [] for k in steps}

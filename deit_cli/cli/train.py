@@ -26,6 +26,7 @@ from .options import (
 class RecipeName(str, Enum):
     scratch = "scratch"
     finetune = "finetune"
+    hires = "hires"
     plain = "plain"
 
 
@@ -36,6 +37,7 @@ class Distillation(str, Enum):
 
 
 def train(
+    ctx: typer.Context,
     data: Annotated[
         str,
         typer.Argument(
@@ -66,11 +68,15 @@ def train(
         RecipeName | None,
         typer.Option(
             "--recipe",
-            help="Defaults for every flag below: scratch, "
-            "finetune (default from pretrained weights) or plain (nothing random but the data order).",
+            help="Defaults for every flag below: scratch, finetune (default from pretrained weights), "
+            "hires (fine-tune trained weights at 384 px, the original README's) or plain (nothing random but the "
+            "data order).",
         ),
     ] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Epochs (recipe: 300 / 30 / 10).")] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option("--epochs", min=1, help="Epochs (recipe: scratch 300, finetune 30, hires 30, plain 10)."),
+    ] = None,
     batch_size: Annotated[
         int | None,
         typer.Option(
@@ -196,7 +202,6 @@ def train(
     ] = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
-    ctx: typer.Context = None,
 ) -> None:
     """Fine-tune a DeiT (or train one from scratch) on a labelled image set, optionally distilling a teacher through the distillation token, as in the paper.
 
@@ -314,12 +319,11 @@ _FIELDS = {
 
 def _given(ctx: typer.Context | None, overrides: dict) -> frozenset[str]:
     """The TrainOptions and recipe fields the user gave explicitly (what --resume checks)."""
-    from click.core import ParameterSource
-
     given = {k for k, v in overrides.items() if v is not None}
     if ctx is not None:
         for name in ctx.params:
-            if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            source = ctx.get_parameter_source(name)
+            if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
                 field = _FIELDS.get(name, name)
                 if field is not None and name not in overrides and name != "model_ema_decay":
                     given.add(field)

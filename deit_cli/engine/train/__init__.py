@@ -1,10 +1,16 @@
 """Training: fine-tuning and distillation through attention (`deit train`).
 
-    data.py     labelled sets (class folders, CSV/TSV, JSONL; one label or a list), splits, batches
-    augment.py  the training transform (crop, flip, RandAugment, erasing) and mixup/cutmix
-    recipes.py  the recipes as data: scratch, finetune, plain
-    losses.py   the base loss (CE, or BCE for multi-label) and the paper's distillation loss
-    loop.py     train(): train_one_epoch, evaluate, checkpoints, the run directory
+    options.py   TrainOptions, Events, the errors, the option checks, what --resume may change
+    data.py      labelled sets (class folders, CSV/TSV, JSONL; one label or a list), splits, batches
+    augment.py   the training transform (crop, flip, RandAugment, erasing) and mixup/cutmix
+    recipes.py   the recipes as data: scratch, finetune, hires, plain
+    losses.py    the base loss (CE, or BCE for multi-label) and the paper's distillation loss
+    student.py   the model to train and TrainingHeads, the forward training runs
+    teacher.py   the teacher: a deit source, or torchvision / timm with a state dict
+    optim.py     AdamW's parameter groups, the learning-rate schedule, the weights' EMA
+    validate.py  validation during training (the raw model, and the EMA)
+    run_dir.py   the run directory: checkpoints, saved models, metrics.jsonl
+    loop.py      train(): the loop alone, Stepper (one optimizer step), Stop (signals)
 
 Nothing here prints or parses flags. `from deit_cli.engine.train.loop import train`.
 """

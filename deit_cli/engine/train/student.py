@@ -56,8 +56,8 @@ def build_student(opts: TrainOptions, classes: list[str], events: Events) -> Dei
 
                 config, pre = read_checkpoint(opts.model).config, None
         config = replace(config, num_classes=n, dist_head=True)
-        if opts.image_size:
-            config = replace(config, image_size=opts.image_size)
+        if opts.image_size or opts.recipe.image_size:
+            config = replace(config, image_size=opts.image_size or opts.recipe.image_size)
         model = DeiT(config)
         model.init_weights(opts.seed)
         model.preprocessing = replace(pre, image_size=config.image_size) if pre else Preprocessing(config.image_size)
@@ -65,7 +65,7 @@ def build_student(opts: TrainOptions, classes: list[str], events: Events) -> Dei
     else:
         from ...checkpoints import load_model
 
-        model = load_model(opts.model, image_size=opts.image_size)
+        model = load_model(opts.model, image_size=opts.image_size or opts.recipe.image_size)
         if model.config.num_classes != n:
             events.note(
                 f"{opts.model} has {model.config.num_classes} classes, the data {n}: classifier heads re-initialised"
