@@ -6,6 +6,7 @@ names, and the label files shipped with the package.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from importlib import resources
@@ -50,6 +51,23 @@ def check_threshold(threshold: float | None) -> float | None:
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise UsageError(f"--threshold must be in [0, 1], not {threshold:g}")
     return threshold
+
+
+def parse_top(spec: str | Sequence[int], num_classes: int | None = None) -> tuple[int, ...]:
+    """The k of top-k accuracies: "1,5" -> (1, 5), sorted, unique, each at least 1 (and at
+    most `num_classes`)."""
+    if isinstance(spec, str):
+        try:
+            ks = [int(p) for p in spec.replace(" ", "").split(",") if p]
+        except ValueError:
+            raise UsageError(f"--topk must be a comma-separated list of integers, not {spec!r}") from None
+    else:
+        ks = list(spec)
+    if not ks or min(ks) < 1:
+        raise UsageError(f"--topk needs positive integers, not {spec!r}")
+    if num_classes is not None and max(ks) > num_classes:
+        raise UsageError(f"--topk {max(ks)} is more than the model's {num_classes} classes")
+    return tuple(sorted(set(ks)))
 
 
 def pool_name(name: str) -> str:

@@ -12,6 +12,7 @@ machine, or a shared mount).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -37,6 +38,8 @@ __all__ = [
     "gather_objects",
     "broadcast_object",
     "shared_tempdir",
+    "write_jsonl_shard",
+    "read_jsonl_shard",
     "merged_shards",
 ]
 
@@ -218,13 +221,31 @@ def shared_tempdir(near: Path | None = None) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def write_jsonl_shard(records: Iterable[dict], stem: Path) -> None:
+    """One rank's records (JSON objects) as STEM.jsonl, one per line."""
+    with open(stem.with_suffix(".jsonl"), "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def read_jsonl_shard(stem: Path) -> Iterator[dict]:
+    """The records `write_jsonl_shard` wrote, in order."""
+    with open(stem.with_suffix(".jsonl"), encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
 @contextmanager
-def merged_shards(results: Iterable[T], write, read, *, near: Path | None = None) -> Iterator[Iterator[T] | None]:
+def merged_shards(
+    results: Iterable[T], write=write_jsonl_shard, read=read_jsonl_shard, *, near: Path | None = None
+) -> Iterator[Iterator[T] | None]:
     """Each rank's `results` written as its shard, then, on rank 0, all of them in input order.
 
     `write(results, stem)` writes one rank's results to files named from `stem` (a Path
-    without a suffix); `read(stem)` yields them back. On other ranks the block gets None
-    (they have nothing left to do). The shards are removed when rank 0 leaves the block.
+    without a suffix); `read(stem)` yields them back. The default pair keeps JSON records
+    as STEM.jsonl; a job whose results are not plain records converts them on the way and
+    still writes through that pair. On other ranks the block gets None (they have nothing
+    left to do). The shards are removed when rank 0 leaves the block.
     """
     rank, size = world()
     with shared_tempdir(near) as tmp:

@@ -210,7 +210,9 @@ def test_any_top_list_per_class_and_confusions(tmp_path, run_cli, models):
 
 def test_the_library_api(tmp_path, models):
     import deit_cli
-    from deit_cli.engine.evaluate import evaluate, labelled_set, scan_set
+    from deit_cli.engine.evaluate import evaluate
+    from deit_cli.engine.labels import labelled_set
+    from deit_cli.images.labelled import scan_set
 
     model = deit_cli.load_model(models["imagenet"])
     lset = labelled_set(scan_set(make_folders(tmp_path / "set", wnid)), model.labels)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from colours import LABELS, colour_files, colour_model, model_inputs
 
-from deit_cli.engine.evaluate import MultiLabelMetrics, ScoredImage, average_precision
+from deit_cli.engine.metrics import MultiLabelMetrics, ScoredImage, average_precision
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,8 @@ def evaluate(
             metavar="SET",
             show_default=False,
             help="Image-folder tree (one subfolder per class, named by WordNet id, class index or label) "
-            "or a list file (CSV/TSV `path,label`; paths relative to the list's folder).",
+            "or a list file (CSV/TSV `path,label`, `a|b` for several; or JSON lines "
+            '{"image_url" or "path": ..., "label": ... or [...]}; paths relative to the list\'s folder).',
         ),
     ],
     model: ModelOpt = DEFAULT_MODEL_NAME,
@@ -53,7 +54,7 @@ def evaluate(
         Path | None,
         typer.Option(
             "--labels",
-            help="A list file (`path,label`) of the images in SET: a folder, its paths relative to it.",
+            help="A list file (`path,label` or JSON lines) of the images in SET: a folder, its paths relative to it.",
         ),
     ] = None,
     label_by: Annotated[
@@ -91,71 +92,67 @@ def evaluate(
     """Top-1/top-5 (any --topk) accuracy on a labelled image set, e.g. ImageNet val.
 
     Accuracy is over the images that decoded; the others are counted and listed as failed.
+    A multi-label model (a set with label lists) gets mAP, F1 and IoU at its threshold.
 
     Exit codes: 0 all evaluated, 1 some images failed, 65 unknown classes or a bad list, 66 nothing to read.
 
     Under torchrun the set is split across processes and the metrics summed.
     """
     from .. import distributed
-    from ..engine import evaluate as ev
+    from ..config import parse_top
+    from ..engine.evaluate import evaluate_set
     from ..files import check_destination
+    from ..images.labelled import scan_set
 
     fmt = output.choose_format(format_, json_, per_item=False, allowed=("table", "json", "jsonl"))
     options = image_options(batch_size, workers, crop_pct, resize, no_exif, allow_truncated)
-    ev.parse_top(topk)
+    ks = parse_top(topk)
     if predictions is not None:
         check_destination(predictions, force=force)
-    scanned = ev.scan_set(dataset, labels_file=labels)  # before the model: fail fast
+    scanned = scan_set(dataset, labels_file=labels)  # before the model: fail fast
     device = distributed.local_device(device)
     show = wants_progress(quiet=quiet, stdout_streams=False)
-    with distributed.init(device):
-        net = load(model)
-        output.set_batch_size(batch_size)
-        # top-k is for single-label models (a multi-label one may have fewer classes than the default 5)
-        ks = () if net.multi_label else ev.parse_top(topk, net.config.num_classes)
-        lset = ev.labelled_set(scanned, net.labels, label_by=label_by.value)
+
+    def watch(lset, results: Iterable) -> Iterator:
         if distributed.is_main() and not quiet:
             for name in lset.empty_classes:
                 output.warn(f"class folder {name!r} has no images")
-        chosen_head = head.value if head else None
-        multi = net.multi_label or lset.multi_label
-        if multi:
-            metrics, results = ev.multi_label_evaluation(
-                net, lset, threshold=threshold, head=chosen_head, device=device, dtype=dtype, options=options
-            )
-        else:
-            metrics, results = ev.evaluation(
-                net, lset, ks=ks, head=chosen_head, device=device, dtype=dtype, options=options
-            )
         rank, size = distributed.world()
         with output.ProgressBar(show, "evaluating", len(range(rank, len(lset), size))) as bar:  # this rank's share
-            ev.write_predictions(
-                bar.wrap(_warning_failures(results)),
-                net.labels,
-                predictions,
-                threshold=metrics.threshold if multi else None,
-            )
-        metrics = metrics.reduced()
+            yield from bar.wrap(_warning_failures(results))
+
+    with distributed.init(device):
+        net = load(model)
+        output.set_batch_size(batch_size)
+        summary = evaluate_set(
+            net,
+            scanned,
+            ks=ks,
+            label_by=label_by.value,
+            threshold=threshold,
+            head=head.value if head else None,
+            per_class=per_class,
+            confused=confused,
+            predictions=predictions,
+            device=device,
+            dtype=dtype,
+            options=options,
+            watch=watch,
+        )
     if not distributed.is_main():
         raise typer.Exit(EXIT_OK)  # rank 0 reports for every rank
 
-    if multi:
-        summary = ev.multi_label_summary(net, lset, metrics, per_class=per_class, predictions=predictions)
-    else:
-        summary = ev.summary(
-            net, lset, metrics, head=chosen_head, per_class=per_class, confused=confused, predictions=predictions
-        )
     if fmt != "table":
         output.write_document(summary, fmt)
-    elif multi:
+    elif summary.get("multi_label"):
         _render_multi_label(summary)
     else:
-        _render(summary, ks)
-    if not metrics.images:
-        raise InputNotFound(f"{lset.source}: none of the {len(metrics.failed)} images could be read")
-    if metrics.failed:
+        _render(summary, summary["top"])
+    if not summary["images"]:
+        raise InputNotFound(f"{summary['set']}: none of the {summary['failed']} images could be read")
+    if summary["failed"]:
         output.warn(
-            f"{len(metrics.failed)} of {summary['total']} images failed; accuracy is over the other {metrics.images}"
+            f"{summary['failed']} of {summary['total']} images failed; accuracy is over the other {summary['images']}"
         )
         raise typer.Exit(EXIT_PARTIAL)
 

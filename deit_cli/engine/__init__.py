@@ -4,7 +4,10 @@
     results.py   ImageOptions, the per-image Result, the batched loop the jobs share
     classify.py  classify: the top classes of each image
     features.py  extract_features, pools, and the .npy/.safetensors/.jsonl writers
-    evaluate.py  labelled sets, top-k metrics across processes, the eval summary
+    labels.py    a labelled set's names matched to a model's classes (WordNet id, index, label)
+    metrics.py   top-k and multi-label metrics (mAP, F1, IoU), merged across processes
+    predictions.py  the eval predictions file (one JSON line per image)
+    evaluate.py  evaluate_set: the whole of `deit eval` (labels, run, metrics, summary)
     bench.py     throughput, latency, memory; peers.py: timm and transformers beside it
     explain.py   attention maps (last block, rollout) per image, and their files; picture.py draws them
     export.py    export / export_model: an ONNX file, checked with onnxruntime; read_metadata
@@ -34,8 +37,11 @@ _LAZY = {
     "pool_tokens": "features",
     "feature_shape": "features",
     "write_features": "features",
-    "scan_set": "evaluate",
-    "labelled_set": "evaluate",
+    "scan_set": "deit_cli.images.labelled",
+    "labelled_set": "labels",
+    "EvalMetrics": "metrics",
+    "MultiLabelMetrics": "metrics",
+    "evaluate_set": "evaluate",
     "BenchSpec": "bench",
     "run_bench": "bench",
     "Explanation": "explain",

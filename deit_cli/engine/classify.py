@@ -10,7 +10,6 @@ one bad input is a result with an `error`, never an exception.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from ..config import HEADS, SCORES, DeiTConfig, check_threshold
 from ..errors import UsageError
 from ..images.inputs import InputItem
@@ -134,15 +134,19 @@ def classify(
 
 
 def write_shard(results: Iterable[Classification], stem: Path) -> None:
-    with open(stem.with_suffix(".jsonl"), "w", encoding="utf-8") as f:
+    """One rank's results as records in STEM.jsonl (notes kept, so they survive the trip)."""
+
+    def records() -> Iterator[dict[str, Any]]:
         for r in results:
             rec = r.to_record()
             if r.ok:
                 rec["notes"] = r.notes
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            yield rec
+
+    distributed.write_jsonl_shard(records(), stem)
 
 
 def read_shard(stem: Path) -> Iterator[Classification]:
-    with open(stem.with_suffix(".jsonl"), encoding="utf-8") as f:
-        for line in f:
-            yield Classification.from_record(json.loads(line), -1)
+    """A shard's results, in the rank's order (positions are set by the caller)."""
+    for rec in distributed.read_jsonl_shard(stem):
+        yield Classification.from_record(rec, -1)

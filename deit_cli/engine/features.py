@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import distributed
 from ..config import POOLS, DeiTConfig, pool_name
 from ..errors import UsageError
 from ..files import atomic_path
@@ -259,29 +260,31 @@ class NpyWriter:
 
 def _write_npy(results: Iterable[Features], path: Path, side: Path | None, shape, dtype: str) -> int:
     """Good results' features as rows of `path`; one JSON line per input in `side`
-    ({"row", "path"[, "notes"]} or {"path", "error"}). Returns the number of rows."""
-    with NpyWriter(path, shape, dtype) as writer, open(side, "w", encoding="utf-8") if side else _Null() as f:
-        for r in results:
-            if r.ok:
-                rec = {"row": writer.count, "path": r.path}
-                if r.notes:
-                    rec["notes"] = r.notes
-                writer.append(r.features)
-            else:
-                rec = {"path": r.path, "error": r.error}
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    (`_row_records`), when given. Returns the number of rows."""
+    with NpyWriter(path, shape, dtype) as writer:
+        records = _row_records(results, writer)
+        if side is None:
+            for _ in records:
+                pass
+        else:
+            with open(side, "w", encoding="utf-8") as f:
+                for rec in records:
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         return writer.count
 
 
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-    def write(self, text: str) -> None:
-        pass
+def _row_records(results: Iterable[Features], writer: NpyWriter) -> Iterator[dict[str, Any]]:
+    """Each input's record ({"row", "path"[, "notes"]} or {"path", "error"}), its features
+    appended to `writer` on the way."""
+    for r in results:
+        if r.ok:
+            rec = {"row": writer.count, "path": r.path}
+            if r.notes:
+                rec["notes"] = r.notes
+            writer.append(r.features)
+        else:
+            rec = {"path": r.path, "error": r.error}
+        yield rec
 
 
 def _npy_to_safetensors(rows: Path, dst: Path, shape: tuple[int, ...], dtype: str, metadata: dict[str, str]) -> None:
@@ -304,19 +307,18 @@ def _npy_to_safetensors(rows: Path, dst: Path, shape: tuple[int, ...], dtype: st
 
 
 def write_shard(results: Iterable[Features], stem: Path, *, shape: tuple[int, ...]) -> None:
-    """torchrun: one rank's results as STEM.npy and STEM.jsonl (float32, exact)."""
-    _write_npy(results, stem.with_suffix(".npy"), stem.with_suffix(".jsonl"), shape, "float32")
+    """torchrun: one rank's results as STEM.npy (float32, exact) and their records in STEM.jsonl."""
+    with NpyWriter(stem.with_suffix(".npy"), shape, "float32") as writer:
+        distributed.write_jsonl_shard(_row_records(results, writer), stem)
 
 
 def read_shard(stem: Path) -> Iterator[Features]:
     """A shard's results, in the rank's order (positions are set by the caller)."""
     rows = None
-    with open(stem.with_suffix(".jsonl"), encoding="utf-8") as f:
-        for line in f:
-            rec = json.loads(line)
-            if "error" in rec:
-                yield Features(-1, rec["path"], rec["error"])
-                continue
-            if rows is None:  # mapped only when there is a row: numpy cannot map 0 bytes
-                rows = np.load(stem.with_suffix(".npy"), mmap_mode="r")
-            yield Features(-1, rec["path"], None, rec.get("notes", []), np.array(rows[rec["row"]]))
+    for rec in distributed.read_jsonl_shard(stem):
+        if "error" in rec:
+            yield Features(-1, rec["path"], rec["error"])
+            continue
+        if rows is None:  # mapped only when there is a row: numpy cannot map 0 bytes
+            rows = np.load(stem.with_suffix(".npy"), mmap_mode="r")
+        yield Features(-1, rec["path"], None, rec.get("notes", []), np.array(rows[rec["row"]]))

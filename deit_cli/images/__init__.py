@@ -1,6 +1,7 @@
 """Images: find the inputs, decode them safely, apply the evaluation transform, batch them.
 
     inputs.py     discovery: files, directories, globs, URLs, stdin (no torch, no Pillow)
+    labelled.py   labelled sets: class folders, CSV/TSV and JSON-lines lists (train and eval)
     decode.py     safe decoding (files, URLs, bytes): magic bytes, URL fetching, Pillow's guards
     transform.py  the published evaluation transform
     batches.py    decoding in threads, batches in input order
@@ -19,6 +20,11 @@ _LAZY = {
     "IMAGE_EXTENSIONS": "inputs",
     "InputItem": "inputs",
     "iter_inputs": "inputs",
+    "is_url": "inputs",
+    "LabelError": "labelled",
+    "ScannedSet": "labelled",
+    "scan_set": "labelled",
+    "read_label_list": "labelled",
     "ALLOWED_FORMATS": "decode",
     "DEFAULT_MAX_PIXELS": "decode",
     "Decoded": "decode",

@@ -24,7 +24,7 @@ from PIL import Image, ImageFile, ImageOps
 from .._version import __version__
 from ..errors import EXIT_DATA, EXIT_NO_INPUT, DeiTError, InputNotFound
 from ..files import input_error
-from .inputs import InputItem, _is_url
+from .inputs import InputItem, is_url
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # Pillow's format names
 # Pillow's own default limit (about a quarter GiB of RGB): larger is treated as a bomb.
@@ -300,12 +300,12 @@ def decode_image(
     if isinstance(source, InputItem):
         if source.error:
             raise ImageNotFound(source.error)
-        name, is_url = source.path, source.url
+        name, url = source.path, source.url
     else:
         name = os.fspath(source)
-        is_url = _is_url(name)
+        url = is_url(name)
     options = dict(exif_transpose=exif_transpose, allow_truncated=allow_truncated, max_pixels=max_pixels)
-    if is_url:
+    if url:
         data = _fetch(name, timeout, max_bytes)
         return _decode_stream(io.BytesIO(data), name, **options)
     try:

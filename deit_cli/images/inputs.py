@@ -25,7 +25,8 @@ class InputItem:
     error: str | None = None
 
 
-def _is_url(spec: str) -> bool:
+def is_url(spec: str) -> bool:
+    """True for an http(s) URL (fetched, never opened as a file)."""
     return spec[:8].lower().startswith(("http://", "https://"))
 
 
@@ -55,7 +56,7 @@ def _walk_images(top: str) -> Iterator[InputItem]:
 
 
 def _expand(spec: str, *, allow_glob: bool) -> Iterator[InputItem]:
-    if _is_url(spec):
+    if is_url(spec):
         yield InputItem(spec, url=True)
     elif os.path.isdir(spec):
         found = False

@@ -1,14 +1,14 @@
-"""Training data: finding a labelled set, its classes, a validation split, and the batches.
+"""Training data: the training and validation sets, their classes, and the batches.
 
-A set is a class-folder tree (one subfolder per class; with `train/` and `val/` inside,
-those are the two sets), a CSV/TSV list (`path,label`), or JSON lines in the Azure form
-(`{"image_url": ..., "label": "x"}`; a `path` key is accepted too). Relative paths are
-relative to the list's folder. Classes are the sorted training label names.
+Sets are read by `images.labelled` (`scan_set`), as `deit eval` reads them: a class-folder
+tree (with `train/` and `val/` inside, those are the two sets), a CSV/TSV list or JSON
+lines; see that module for the formats. An image outside every class folder is skipped
+and counted. Classes are the sorted training label names.
 
-Labels are read by a label reader: `SingleLabel` turns a label into one class name and
-refuses lists; `MultiLabel` turns it into a list of class names (a JSON list, `a|b` in a
-CSV/TSV; an empty list is a negative example). With neither asked for, the training set
-decides: any list makes the run multi-label (`find_sets(..., multi_label=None)`).
+A single-label run refuses an image with a list of labels; a multi-label run takes a
+single name as a list of one (an empty list is a negative example). With neither asked
+for, the training set decides: any list makes the run multi-label
+(`find_sets(..., multi_label=None)`).
 
 Batches are deterministic: the order of an epoch depends only on (seed, epoch), and each
 sample's augmentation on (seed, epoch, position), so a run gives the same batches on any
@@ -19,7 +19,6 @@ that fails to decode is skipped and counted, never a crash.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -29,9 +28,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ...errors import EXIT_DATA, DeiTError, InputNotFound, UsageError
-from ...files import input_error
-from ...images.inputs import InputItem, _is_url
-from ..evaluate import read_label_list, scan_set
+from ...images.inputs import InputItem
+from ...images.labelled import scan_set
 
 
 class DatasetError(DeiTError):
@@ -46,51 +44,6 @@ MULTI_LABEL_HINT = (
 )
 
 
-# --------------------------------------------------------------------------- labels
-
-
-def _is_list(value) -> bool:
-    return isinstance(value, list) or (isinstance(value, str) and "|" in value)
-
-
-def _name(value, where: str) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value).strip() == "":
-        raise DatasetError(f"{where}: the label must be a class name, not {json.dumps(value)}")
-    return str(value).strip()
-
-
-class SingleLabel:
-    """One class name per image; a list of labels (multi-label) is refused."""
-
-    kind = "single"
-
-    def read(self, value, where: str) -> str:
-        if _is_list(value):
-            raise DatasetError(f"{where}: several labels for one image in a single-label run", MULTI_LABEL_HINT)
-        return _name(value, where)
-
-
-class MultiLabel:
-    """Any number of class names per image: a list (JSON, or `a|b` in a CSV/TSV), or one
-    name. An empty list is allowed (a negative example); a repeated name counts once.
-    `saw_list` records whether any label was a list (what makes a set multi-label)."""
-
-    kind = "multi"
-
-    def __init__(self):
-        self.saw_list = False
-
-    def read(self, value, where: str) -> list[str]:
-        if not _is_list(value):
-            return [_name(value, where)]
-        self.saw_list = True
-        parts = value if isinstance(value, list) else [x for x in value.split("|") if x.strip()]
-        return list(dict.fromkeys(_name(x, where) for x in parts))
-
-
-LabelReader = SingleLabel | MultiLabel
-
-
 # --------------------------------------------------------------------------- sets
 
 
@@ -103,6 +56,7 @@ class LabelledImages:
     labels: list  # a class name per image, or (multi-label) a list of names
     empty_classes: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # entries with no label (loose files)
+    lists: bool = False  # the set gave some image a list of labels
 
 
 @dataclass
@@ -128,70 +82,23 @@ class TrainSet:
         return len(self.items)
 
 
-def read_set(spec: str, reader: LabelReader | None = None) -> LabelledImages:
-    """A class-folder tree, a CSV/TSV list or a JSONL file, as images and label names."""
-    reader = reader or SingleLabel()
-    spec = os.fspath(spec)
-    if os.path.isfile(spec) and spec.lower().endswith((".jsonl", ".json")):
-        return _read_jsonl(spec, reader)
-    if os.path.isfile(spec):
-        base = os.path.dirname(spec)
-        rows = read_label_list(spec)
-        if not rows:
-            raise InputNotFound(f"{spec}: lists no images")
-        items, labels = [], []
-        for rel, label, n in rows:
-            labels.append(reader.read(label, f"{spec}, line {n}"))
-            items.append(InputItem(rel if os.path.isabs(rel) else os.path.join(base, rel)))
-        return LabelledImages(spec, items, labels)
-    scanned = scan_set(spec)  # folders; raises InputNotFound for nothing there
+def read_set(spec: str, *, multi_label: bool = False) -> LabelledImages:
+    """A class-folder tree or a list file (`images.labelled.scan_set`), as images and label
+    names: with `multi_label` a list of names per image, else one name, a list refused."""
+    scanned = scan_set(spec)
     items, labels, skipped = [], [], []
-    for item, label in scanned.entries:
-        if label is None:
-            skipped.append(item.error or item.path)
-        else:
-            items.append(item)
-            labels.append([label] if isinstance(reader, MultiLabel) else label)  # a folder: one class
-    return LabelledImages(spec, items, labels, list(scanned.empty_classes), skipped)
-
-
-def _read_jsonl(path: str, reader: LabelReader) -> LabelledImages:
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            lines = f.read().splitlines()
-    except UnicodeDecodeError:
-        raise DatasetError(f"{path}: not a UTF-8 text file (JSON lines expected)") from None
-    except OSError as e:
-        raise input_error(path, e) from None
-    base = os.path.dirname(path)
-    items, labels = [], []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
+    for entry in scanned.entries:
+        if entry.label is None:  # outside every class folder
+            skipped.append(entry.item.error or entry.item.path)
             continue
-        where = f"{path}, line {n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{where}: not JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise DatasetError(f"{where}: expected an object with image_url (or path) and label")
-        ref = rec.get("image_url", rec.get("path"))
-        if not isinstance(ref, str) or not ref or "label" not in rec:
-            raise DatasetError(f"{where}: expected an object with image_url (or path) and label")
-        if isinstance(rec["label"], str) and "|" in rec["label"]:  # CSV's spelling; JSON has lists
+        several = isinstance(entry.label, list)
+        if several and not multi_label:
             raise DatasetError(
-                f"{where}: the label {json.dumps(rec['label'])} holds '|'",
-                'in JSON lines, give several labels as a list: "label": ["a", "b"]',
+                f"{scanned.where(entry)}: several labels for one image in a single-label run", MULTI_LABEL_HINT
             )
-        labels.append(reader.read(rec["label"], where))
-        if _is_url(ref):
-            items.append(InputItem(ref, url=True))
-        else:
-            ref = ref.removeprefix("file://")
-            items.append(InputItem(ref if os.path.isabs(ref) else os.path.join(base, ref)))
-    if not items:
-        raise InputNotFound(f"{path}: lists no images")
-    return LabelledImages(path, items, labels)
+        items.append(entry.item)
+        labels.append(entry.label if several or not multi_label else [entry.label])
+    return LabelledImages(scanned.source, items, labels, list(scanned.empty_classes), skipped, scanned.multi_label)
 
 
 def _check_training(found: LabelledImages) -> list[str]:
@@ -285,26 +192,24 @@ def find_sets(
     data = os.fspath(data)
     if not os.path.exists(data):
         raise InputNotFound(f"{data}: no such file or directory")
-    detect = MultiLabel()
-    reader: LabelReader = detect if multi_label is not False else SingleLabel()
+    multi = multi_label is not False
     val_found = None
     inner_val = None
     if os.path.isdir(os.path.join(data, "train")) and os.path.isdir(data):
-        train_found = read_set(os.path.join(data, "train"), reader)
+        train_found = read_set(os.path.join(data, "train"), multi_label=multi)
         if val is None and val_split is None and os.path.isdir(os.path.join(data, "val")):
             inner_val = os.path.join(data, "val")
     else:
-        train_found = read_set(data, reader)
-    if multi_label is None and not detect.saw_list:  # no list anywhere: a single-label set
+        train_found = read_set(data, multi_label=multi)
+    if multi_label is None and not train_found.lists:  # no list anywhere: a single-label set
         train_found.labels = [names[0] for names in train_found.labels]
-        reader = SingleLabel()
-    multi = isinstance(reader, MultiLabel)
+        multi = False
     if inner_val is not None:
-        val_found = read_set(inner_val, reader)
+        val_found = read_set(inner_val, multi_label=multi)
     skipped = list(train_found.skipped)
     classes = _check_training(train_found)
     if val is not None:
-        val_found = read_set(val, reader)
+        val_found = read_set(val, multi_label=multi)
     elif val_split is not None:
         train_found, val_found = split_stratified(train_found, val_split)
     if val_found is not None:
