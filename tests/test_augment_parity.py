@@ -247,6 +247,14 @@ def test_an_unknown_or_malformed_field_is_a_one_line_usage_error(spec):
     assert "\n" not in str(e.value) and spec in str(e.value)
 
 
+def test_a_recipe_with_a_bad_spec_is_refused_before_training():
+    from deit_cli.engine.train.recipes import resolve_recipe
+
+    assert resolve_recipe("scratch", {}).rand_augment == SPEC
+    with pytest.raises(UsageError, match="'q3'"):
+        resolve_recipe("scratch", {"rand_augment": "rand-m9-q3"})
+
+
 def test_the_random_resized_crop_is_timms_given_the_same_draws():
     pre = Preprocessing(image_size=32, mean=MEAN)
     ours = TrainTransform(pre, rand_augment=None, reprob=0.0)
