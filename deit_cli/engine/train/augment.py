@@ -1,6 +1,6 @@
 """Training transforms and batch mixing, each driven by an explicit random generator.
 
-`train_transform` is the original release's `build_transform(is_train=True)`, timm's
+`TrainTransform` is the original release's `build_transform(is_train=True)`, timm's
 `create_transform(..., auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic")`:
 random resized crop (scale 0.08-1, ratio 3/4-4/3, bicubic), horizontal flip, RandAugment
 (two of fifteen operations drawn with replacement, each applied with probability 0.5 at
@@ -257,8 +257,7 @@ class TrainTransform:
 
     def __init__(self, pre: Preprocessing, *, rand_augment: str | None, reprob: float):
         self.image_size = pre.image_size
-        ra = RandAugment(rand_augment, fill=fill_colour(pre.mean)) if rand_augment else None
-        self.rand_augment = ra
+        self.rand_augment = RandAugment(rand_augment, fill=fill_colour(pre.mean)) if rand_augment else None
         self.reprob = reprob
         # normalisation through the eval transform's lookup table (identical arithmetic)
         self._norm = EvalTransform(pre.image_size, pre.image_size, mean=pre.mean, std=pre.std)
@@ -285,7 +284,7 @@ def erase_box(h: int, w: int, rng: random.Random, scale=(0.02, 1 / 3), log_ratio
     """timm's RandomErasing box (one region; the same draws in the same order):
     (top, left, height, width), or None when ten tries found none."""
     for _ in range(10):
-        target = rng.uniform(*scale) * (h * w) / 1  # timm divides by the count of regions, 1
+        target = rng.uniform(*scale) * (h * w)
         aspect = math.exp(rng.uniform(*log_ratio))
         eh, ew = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if ew < w and eh < h:
