@@ -117,22 +117,30 @@ class DeiT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Truncated-normal init as in the original release (used by --random-init)."""
+        """timm's init for VisionTransformer(Distilled) with weight_init='' (deterministic
+        given `seed`; used by --scratch and --random-init): position embeddings, the
+        distillation token and every Linear's weight N(0, 0.02) truncated at +-2 (so, in
+        effect, not truncated), Linear biases zero, the class token N(0, 1e-6), LayerNorms one
+        and zero, and the patch convolution PyTorch's default, which timm leaves as it is."""
         g = torch.Generator().manual_seed(seed) if seed is not None else None
-        for p in (self.pos_embed, self.cls_token, self.dist_token):
-            if p is not None:
-                p.copy_(_trunc_normal(p.shape, 0.02, g))
+        self.pos_embed.copy_(_trunc_normal(self.pos_embed.shape, 0.02, g))
+        self.cls_token.copy_(torch.randn(self.cls_token.shape, generator=g) * 1e-6)
+        if self.dist_token is not None:
+            self.dist_token.copy_(_trunc_normal(self.dist_token.shape, 0.02, g))
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 m.weight.copy_(_trunc_normal(m.weight.shape, 0.02, g))
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:  # qkv_bias=False has none
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Conv2d):
-                fan_in = m.weight[0].numel()
-                m.weight.copy_(_trunc_normal(m.weight.shape, 1 / math.sqrt(fan_in), g))
-                nn.init.zeros_(m.bias)
+                # nn.Conv2d.reset_parameters with our generator: kaiming_uniform(a=sqrt(5)) is
+                # U(+-1/sqrt(fan_in)), and the bias takes the same bound
+                bound = 1 / math.sqrt(m.weight[0].numel())
+                m.weight.copy_(torch.empty(m.weight.shape).uniform_(-bound, bound, generator=g))
+                m.bias.copy_(torch.empty(m.bias.shape).uniform_(-bound, bound, generator=g))
 
     def set_drop_path(self, rate: float) -> None:
         """Stochastic depth for training, rising linearly from 0 at the first block to
@@ -196,8 +204,10 @@ class DeiT(nn.Module):
 
 
 def _trunc_normal(shape, std: float, generator) -> torch.Tensor:
+    """timm's trunc_normal_(std=std), drawn on the CPU (a seed gives the same weights on any
+    device): its bounds are +-2 absolute, not +-2 std, so in effect it does not truncate."""
     t = torch.empty(shape)
-    nn.init.trunc_normal_(t, std=std, a=-2 * std, b=2 * std, generator=generator)
+    nn.init.trunc_normal_(t, std=std, a=-2.0, b=2.0, generator=generator)
     return t
 
 

@@ -1,11 +1,14 @@
 """Training transforms and batch mixing, each driven by an explicit random generator.
 
-`train_transform` is the original release's `build_transform(is_train=True)`: random
-resized crop (scale 0.08-1, ratio 3/4-4/3, bicubic), horizontal flip, RandAugment
-(timm's "rand-m9-mstd0.5-inc1": two of fifteen operations, each with probability 0.5,
-magnitude 9 with noise 0.5), normalisation, then random erasing (per-pixel noise). Every
-random choice comes from the sample's own `random.Random`, never a global generator, so
-augmentation is reproducible whatever the number of decoding threads or processes.
+`TrainTransform` is the original release's `build_transform(is_train=True)`, timm's
+`create_transform(..., auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic")`:
+random resized crop (scale 0.08-1, ratio 3/4-4/3, bicubic), horizontal flip, RandAugment
+(two of fifteen operations drawn with replacement, each applied with probability 0.5 at
+magnitude 9 with noise 0.5; affine operations bicubic, filled with the mean colour),
+normalisation, then random erasing (per-pixel noise). Every random choice comes from the
+sample's own `random.Random`, never a global generator, so augmentation is reproducible
+whatever the number of decoding threads or processes; given the same draws, each step
+computes what timm's does (tests/test_augment_parity.py).
 
 `Mixup` is timm's batch-wise mixup/cutmix (switch probability 0.5, label smoothing folded
 into the soft targets), driven by a generator seeded per step.
@@ -15,15 +18,17 @@ from __future__ import annotations
 
 import math
 import random
+import re
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
+from ...errors import UsageError
 from ...images.transform import EvalTransform, eval_transform
 from ...variants import Preprocessing
 
-_FILL = (128, 128, 128)
 _BICUBIC = Image.Resampling.BICUBIC
 
 
@@ -38,14 +43,16 @@ class PlainTransform:
         return self.eval(image)
 
 
-def _rrc_box(w: int, h: int, rng: random.Random, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop.get_params, with our generator."""
+def rrc_box(w: int, h: int, rng: random.Random, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """timm's RandomResizedCropAndInterpolation.get_params (the same draws in the same
+    order) as a (left, top, right, bottom) box."""
     area = w * h
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
-        target = area * rng.uniform(*scale)
+        target = rng.uniform(*scale) * area
         aspect = math.exp(rng.uniform(*log_ratio))
         cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        # timm has no 0 < check: an empty crop of a tiny image would fail in its resize
         if 0 < cw <= w and 0 < ch <= h:
             top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
             return left, top, left + cw, top + ch
@@ -60,65 +67,189 @@ def _rrc_box(w: int, h: int, rng: random.Random, scale=(0.08, 1.0), ratio=(3 / 4
     return left, top, left + cw, top + ch
 
 
-# RandAugment's operations, timm's "increasing" set: (name, op(img, level in [0, 1], sign)).
-def _affine(img, matrix):
-    return img.transform(img.size, Image.Transform.AFFINE, matrix, resample=Image.Resampling.BILINEAR, fillcolor=_FILL)
+# RandAugment. Magnitudes are on timm's 0-10 scale; each `_level_*` is timm's level_to_arg
+# (the same arithmetic, so the same arguments), drawing its sign from our generator.
+_LEVEL_DENOM = 10.0
 
 
-_OPS = {
-    "AutoContrast": lambda img, v, s: ImageOps.autocontrast(img),
-    "Equalize": lambda img, v, s: ImageOps.equalize(img),
-    "Invert": lambda img, v, s: ImageOps.invert(img),
-    "Rotate": lambda img, v, s: img.rotate(s * 30 * v, resample=Image.Resampling.BILINEAR, fillcolor=_FILL),
-    "PosterizeIncreasing": lambda img, v, s: ImageOps.posterize(img, max(1, 4 - int(4 * v))),
-    "SolarizeIncreasing": lambda img, v, s: ImageOps.solarize(img, 256 - int(256 * v)),
-    "SolarizeAdd": lambda img, v, s: _solarize_add(img, int(110 * v)),
-    "ColorIncreasing": lambda img, v, s: ImageEnhance.Color(img).enhance(1 + s * 0.9 * v),
-    "ContrastIncreasing": lambda img, v, s: ImageEnhance.Contrast(img).enhance(1 + s * 0.9 * v),
-    "BrightnessIncreasing": lambda img, v, s: ImageEnhance.Brightness(img).enhance(1 + s * 0.9 * v),
-    "SharpnessIncreasing": lambda img, v, s: ImageEnhance.Sharpness(img).enhance(1 + s * 0.9 * v),
-    "ShearX": lambda img, v, s: _affine(img, (1, s * 0.3 * v, 0, 0, 1, 0)),
-    "ShearY": lambda img, v, s: _affine(img, (1, 0, 0, s * 0.3 * v, 1, 0)),
-    "TranslateXRel": lambda img, v, s: _affine(img, (1, 0, s * 0.45 * v * img.size[0], 0, 1, 0)),
-    "TranslateYRel": lambda img, v, s: _affine(img, (1, 0, 0, 0, 1, s * 0.45 * v * img.size[1])),
-}
+def _negate(v: float, rng: random.Random) -> float:
+    return -v if rng.random() > 0.5 else v
 
 
-def _solarize_add(img: Image.Image, add: int, threshold: int = 128) -> Image.Image:
+def _level_rotate(m, rng):
+    return (_negate((m / _LEVEL_DENOM) * 30.0, rng),)
+
+
+def _level_shear(m, rng):
+    return (_negate((m / _LEVEL_DENOM) * 0.3, rng),)
+
+
+def _level_translate_rel(m, rng):
+    return (_negate((m / _LEVEL_DENOM) * 0.45, rng),)
+
+
+def _level_enhance(m, rng):
+    return ((m / _LEVEL_DENOM) * 1.8 + 0.1,)
+
+
+def _level_enhance_increasing(m, rng):
+    return (max(0.1, 1.0 + _negate((m / _LEVEL_DENOM) * 0.9, rng)),)
+
+
+def _level_posterize(m, rng):
+    return (int((m / _LEVEL_DENOM) * 4),)
+
+
+def _level_posterize_increasing(m, rng):
+    return (4 - _level_posterize(m, rng)[0],)
+
+
+def _level_solarize(m, rng):
+    return (min(256, int((m / _LEVEL_DENOM) * 256)),)
+
+
+def _level_solarize_increasing(m, rng):
+    return (256 - _level_solarize(m, rng)[0],)
+
+
+def _level_solarize_add(m, rng):
+    return (min(128, int((m / _LEVEL_DENOM) * 110)),)
+
+
+def _posterize(img, bits, **_):
+    if bits >= 8:
+        return img
+    if bits <= 0:
+        # no bits kept: black, what Pillow gave timm when DeiT was trained (today's Pillow
+        # refuses 0 bits, so timm itself now fails on PosterizeIncreasing at magnitude 10)
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits)
+
+
+def _solarize_add(img, add, threshold=128, **_):
     lut = [min(255, i + add) if i < threshold else i for i in range(256)]
     return img.point(lut * 3)
 
 
-def parse_rand_augment(spec: str) -> tuple[int, float, float]:
-    """(ops per image, magnitude, magnitude noise) of a timm spelling "rand-m9-mstd0.5-inc1"."""
+def _affine(img, matrix, fill, resample):
+    return img.transform(img.size, Image.Transform.AFFINE, matrix, resample=resample, fillcolor=fill)
+
+
+# name: (level_to_arg or None, op(img, *args, fill=, resample=))
+_OPS = {
+    "AutoContrast": (None, lambda img, **_: ImageOps.autocontrast(img)),
+    "Equalize": (None, lambda img, **_: ImageOps.equalize(img)),
+    "Invert": (None, lambda img, **_: ImageOps.invert(img)),
+    "Rotate": (_level_rotate, lambda img, d, fill, resample: img.rotate(d, resample=resample, fillcolor=fill)),
+    "Posterize": (_level_posterize, _posterize),
+    "PosterizeIncreasing": (_level_posterize_increasing, _posterize),
+    "Solarize": (_level_solarize, lambda img, t, **_: ImageOps.solarize(img, t)),
+    "SolarizeIncreasing": (_level_solarize_increasing, lambda img, t, **_: ImageOps.solarize(img, t)),
+    "SolarizeAdd": (_level_solarize_add, _solarize_add),
+    "Color": (_level_enhance, lambda img, f, **_: ImageEnhance.Color(img).enhance(f)),
+    "ColorIncreasing": (_level_enhance_increasing, lambda img, f, **_: ImageEnhance.Color(img).enhance(f)),
+    "Contrast": (_level_enhance, lambda img, f, **_: ImageEnhance.Contrast(img).enhance(f)),
+    "ContrastIncreasing": (_level_enhance_increasing, lambda img, f, **_: ImageEnhance.Contrast(img).enhance(f)),
+    "Brightness": (_level_enhance, lambda img, f, **_: ImageEnhance.Brightness(img).enhance(f)),
+    "BrightnessIncreasing": (_level_enhance_increasing, lambda img, f, **_: ImageEnhance.Brightness(img).enhance(f)),
+    "Sharpness": (_level_enhance, lambda img, f, **_: ImageEnhance.Sharpness(img).enhance(f)),
+    "SharpnessIncreasing": (_level_enhance_increasing, lambda img, f, **_: ImageEnhance.Sharpness(img).enhance(f)),
+    "ShearX": (_level_shear, lambda img, s, **kw: _affine(img, (1, s, 0, 0, 1, 0), **kw)),
+    "ShearY": (_level_shear, lambda img, s, **kw: _affine(img, (1, 0, 0, s, 1, 0), **kw)),
+    "TranslateXRel": (_level_translate_rel, lambda img, p, **kw: _affine(img, (1, 0, p * img.size[0], 0, 1, 0), **kw)),
+    "TranslateYRel": (_level_translate_rel, lambda img, p, **kw: _affine(img, (1, 0, 0, 0, 1, p * img.size[1]), **kw)),
+}
+# timm's two sets, in its order (_OPS's, less the increasing ones); "inc1" picks the second
+RAND_OPS = tuple(name for name in _OPS if not name.endswith("Increasing"))
+RAND_INCREASING_OPS = tuple(f"{name}Increasing" if f"{name}Increasing" in _OPS else name for name in RAND_OPS)
+
+
+@dataclass(frozen=True)
+class RandAugmentSpec:
+    """timm's RandAugment fields, with its defaults: ops per image `n`, magnitude `m`
+    (0-10), magnitude noise `mstd` (a normal's std; inf: uniform in [0, m]), magnitude
+    ceiling `mmax` (None: 10), `inc` (the increasing set), probability `p` of each op."""
+
+    n: int = 2
+    m: int = 10
+    mstd: float = 0.0
+    mmax: int | None = None
+    inc: bool = False
+    p: float = 0.5
+
+
+def parse_rand_augment(spec: str) -> RandAugmentSpec:
+    """A timm spelling such as "rand-m9-mstd0.5-inc1", read as timm's rand_augment_transform
+    reads it; an unknown or malformed field is a UsageError."""
     parts = spec.split("-")
     if parts[0] != "rand":
-        raise ValueError(f"not a RandAugment spec: {spec!r}")
-    n, m, mstd = 2, 9.0, 0.0
+        raise UsageError(f"not a RandAugment spec: {spec!r} (it starts with 'rand', e.g. 'rand-m9-mstd0.5-inc1')")
+    fields = {}
     for part in parts[1:]:
-        if part.startswith("mstd"):
-            mstd = float(part[4:])
-        elif part.startswith("m"):
-            m = float(part[1:])
-        elif part.startswith("n"):
-            n = int(part[1:])
-    return n, m, mstd
+        # timm splits at the first digit ("mstd0.5" -> "mstd", "0.5")
+        match = re.fullmatch(r"([a-z]*)(\d.*)", part)
+        key, value = match.groups() if match else (part, "")
+        try:
+            if key == "mstd":
+                fields["mstd"] = math.inf if float(value) > 100 else float(value)  # > 100: uniform, as timm
+            elif key in ("m", "n", "mmax"):
+                fields[key] = int(value)
+            elif key == "inc":
+                fields["inc"] = bool(int(value))
+            elif key == "p":
+                fields["p"] = float(value)
+            else:
+                raise ValueError(key)
+        except ValueError:
+            raise UsageError(
+                f"RandAugment spec {spec!r}: unknown or malformed field {part!r} (known: m, n, mstd, mmax, inc, p)"
+            ) from None
+    return RandAugmentSpec(**fields)
+
+
+class AugmentOp:
+    """One RandAugment operation as timm's AugmentOp: applied with probability `p`, at a
+    magnitude with optional noise, clipped to [0, mmax or 10]; the same draws in the same
+    order (apply?, noise, sign) from the sample's generator."""
+
+    def __init__(self, name: str, spec: RandAugmentSpec, fill: tuple[int, int, int], resample=_BICUBIC):
+        self.name = name
+        self.level, self.op = _OPS[name]
+        self.p, self.magnitude, self.mstd = spec.p, spec.m, spec.mstd
+        self.upper = spec.mmax or _LEVEL_DENOM  # timm's `magnitude_max or 10`: mmax0 means 10
+        self.kwargs = {"fill": fill, "resample": resample}
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> Image.Image:
+        if self.p < 1.0 and rng.random() > self.p:
+            return img
+        m = self.magnitude
+        if self.mstd == math.inf:
+            m = rng.uniform(0, m)
+        elif self.mstd > 0:
+            m = rng.gauss(m, self.mstd)
+        m = max(0.0, min(m, self.upper))
+        args = self.level(m, rng) if self.level is not None else ()
+        return self.op(img, *args, **self.kwargs)
 
 
 class RandAugment:
-    def __init__(self, spec: str):
-        self.num_ops, self.magnitude, self.mstd = parse_rand_augment(spec)
-        self.names = list(_OPS)
+    """timm's RandAugment: `n` operations drawn uniformly with replacement (timm's
+    `np.random.choice(ops, n)`), each applied in turn."""
+
+    def __init__(self, spec: str, *, fill: tuple[int, int, int] = (128, 128, 128), resample=_BICUBIC):
+        self.spec = parse_rand_augment(spec)
+        names = RAND_INCREASING_OPS if self.spec.inc else RAND_OPS
+        self.ops = [AugmentOp(name, self.spec, fill, resample) for name in names]
 
     def __call__(self, img: Image.Image, rng: random.Random) -> Image.Image:
-        for name in rng.sample(self.names, self.num_ops):
-            if rng.random() > 0.5:
-                continue
-            m = self.magnitude if self.mstd <= 0 else rng.gauss(self.magnitude, self.mstd)
-            level = min(10.0, max(0.0, m)) / 10.0
-            sign = -1 if rng.random() < 0.5 else 1
-            img = _OPS[name](img, level, sign)
+        for i in [rng.randrange(len(self.ops)) for _ in range(self.spec.n)]:
+            img = self.ops[i](img, rng)
         return img
+
+
+def fill_colour(mean: tuple[float, float, float]) -> tuple[int, int, int]:
+    """The affine operations' fill: the normalisation mean in 0-255 (timm's `img_mean`)."""
+    return tuple(round(255 * x) for x in mean)
 
 
 class TrainTransform:
@@ -126,40 +257,52 @@ class TrainTransform:
 
     def __init__(self, pre: Preprocessing, *, rand_augment: str | None, reprob: float):
         self.image_size = pre.image_size
-        self.rand_augment = RandAugment(rand_augment) if rand_augment else None
+        self.rand_augment = RandAugment(rand_augment, fill=fill_colour(pre.mean)) if rand_augment else None
         self.reprob = reprob
         # normalisation through the eval transform's lookup table (identical arithmetic)
         self._norm = EvalTransform(pre.image_size, pre.image_size, mean=pre.mean, std=pre.std)
 
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
         s = self.image_size
-        box = _rrc_box(*image.size, rng)
-        img = image.resize((s, s), _BICUBIC, box=box)
+        # crop, then resize: torchvision's resized_crop (a resize with box= would read
+        # pixels beyond the box's edges)
+        img = image.crop(rrc_box(*image.size, rng)).resize((s, s), _BICUBIC)
         if rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if self.rand_augment is not None:
             img = self.rand_augment(img, rng)
         x = self._norm(img)
-        if self.reprob and rng.random() < self.reprob:
-            _erase(x, rng)
+        if self.reprob:
+            erase(x, rng, self.reprob)
         return x
 
 
 _ERASE_LOG_RATIO = (math.log(0.3), math.log(1 / 0.3))
 
 
-def _erase(x: torch.Tensor, rng: random.Random, scale=(0.02, 1 / 3), log_ratio=_ERASE_LOG_RATIO):
-    """timm's RandomErasing (mode "pixel", one region): a box of normal noise."""
-    _, h, w = x.shape
+def erase_box(h: int, w: int, rng: random.Random, scale=(0.02, 1 / 3), log_ratio=_ERASE_LOG_RATIO):
+    """timm's RandomErasing box (one region; the same draws in the same order):
+    (top, left, height, width), or None when ten tries found none."""
     for _ in range(10):
-        target = h * w * rng.uniform(*scale)
+        target = rng.uniform(*scale) * (h * w)
         aspect = math.exp(rng.uniform(*log_ratio))
         eh, ew = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if ew < w and eh < h:
-            top, left = rng.randint(0, h - eh), rng.randint(0, w - ew)
-            noise = np.random.default_rng(rng.getrandbits(63)).standard_normal((x.shape[0], eh, ew), dtype=np.float32)
-            x[:, top : top + eh, left : left + ew] = torch.from_numpy(noise)
-            return
+            return rng.randint(0, h - eh), rng.randint(0, w - ew), eh, ew
+    return None
+
+
+def erase(x: torch.Tensor, rng: random.Random, prob: float) -> None:
+    """timm's RandomErasing (mode "pixel", one region) in place on a normalised (C, H, W)
+    image: with probability `prob`, a box of standard normal noise. The noise comes from a
+    generator seeded by `rng` (timm uses torch's global one): the same distribution."""
+    if rng.random() > prob:
+        return
+    box = erase_box(x.shape[1], x.shape[2], rng)
+    if box is not None:
+        top, left, eh, ew = box
+        noise = np.random.default_rng(rng.getrandbits(63)).standard_normal((x.shape[0], eh, ew), dtype=np.float32)
+        x[:, top : top + eh, left : left + ew] = torch.from_numpy(noise)
 
 
 def build_transform(pre: Preprocessing, recipe) -> PlainTransform | TrainTransform:
@@ -168,12 +311,24 @@ def build_transform(pre: Preprocessing, recipe) -> PlainTransform | TrainTransfo
     return TrainTransform(pre, rand_augment=recipe.rand_augment, reprob=recipe.reprob)
 
 
+def cutmix_box(h: int, w: int, lam: float, cy: int, cx: int) -> tuple[tuple[int, int, int, int], float]:
+    """timm's rand_bbox + cutmix_bbox_and_lam(correct_lam=True) given the drawn centre:
+    the box (y0, y1, x0, x1) of side sqrt(1 - lam) clipped to the image, and lam corrected
+    to the share of the image outside it."""
+    cut = math.sqrt(1 - lam)
+    ch, cw = int(h * cut), int(w * cut)
+    y0, y1 = min(max(cy - ch // 2, 0), h), min(max(cy + (ch + 1) // 2, 0), h)
+    x0, x1 = min(max(cx - cw // 2, 0), w), min(max(cx + (cw + 1) // 2, 0), w)
+    return (y0, y1, x0, x1), 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)
+
+
 class Mixup:
     """timm's Mixup (mode "batch"): mixup with Beta(mixup, mixup), or cutmix with
     Beta(cutmix, cutmix) and a box, switching with probability `switch_prob`; the batch
     mixed with itself reversed; targets one-hot, smoothed, mixed by the same weight.
     Multi-hot targets ((B, classes) float, multi-label) are mixed by the same weight as
-    they are (no smoothing)."""
+    they are (no smoothing). A batch of one mixes with itself: images and targets as they
+    were (timm needs an even batch)."""
 
     def __init__(self, mixup: float, cutmix: float, switch_prob: float, smoothing: float, num_classes: int):
         self.mixup, self.cutmix, self.switch_prob = mixup, cutmix, switch_prob
@@ -186,19 +341,20 @@ class Mixup:
     def __call__(self, x: torch.Tensor, target: torch.Tensor, rng: np.random.Generator):
         use_cutmix = self.cutmix > 0 and (self.mixup <= 0 or rng.random() < self.switch_prob)
         alpha = self.cutmix if use_cutmix else self.mixup
-        lam = float(rng.beta(alpha, alpha))
-        if use_cutmix:
-            _, _, h, w = x.shape
-            cut = math.sqrt(1 - lam)
-            ch, cw = int(h * cut), int(w * cut)
-            cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
-            y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
-            x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
-            x = x.clone()
-            x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
-            lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
-        else:
-            x = x * lam + x.flip(0) * (1 - lam)
+        lam = float(rng.beta(alpha, alpha)) if alpha > 0 else 1.0
+        centre = (int(rng.integers(0, x.shape[2])), int(rng.integers(0, x.shape[3]))) if use_cutmix else None
+        return self.mix(x, target, lam, centre)
+
+    def mix(self, x: torch.Tensor, target: torch.Tensor, lam: float, centre: tuple[int, int] | None):
+        """The mixing itself, given the draws: weight `lam`, and the cutmix box's centre
+        (cy, cx) or None for mixup."""
+        if lam != 1.0:  # timm leaves the batch alone at 1
+            if centre is not None:
+                (y0, y1, x0, x1), lam = cutmix_box(x.shape[2], x.shape[3], lam, *centre)
+                x = x.clone()
+                x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
+            else:
+                x = x * lam + x.flip(0) * (1 - lam)
         if target.ndim == 2:  # multi-hot (multi-label)
             y = target.float()
         else:

@@ -124,6 +124,10 @@ def _check(r: Recipe) -> None:
     need(0 <= r.smoothing < 1, "--smoothing must be in [0, 1)")
     need(r.mixup >= 0 and r.cutmix >= 0, "--mixup and --cutmix must not be negative")
     need(0 <= r.reprob <= 1, "--reprob must be in [0, 1]")
+    if r.rand_augment:
+        from .augment import parse_rand_augment  # a UsageError for a bad spec, before any data is read
+
+        parse_rand_augment(r.rand_augment)
     need(0 <= r.drop_path < 1, "--drop-path must be in [0, 1)")
     need(r.repeated_aug >= 1, "--repeated-aug must be at least 1")
     need(0 < r.ema_decay < 1, "--model-ema-decay must be in (0, 1)")
