@@ -120,11 +120,13 @@ class DeiT(nn.Module):
         """timm's init for VisionTransformer(Distilled) with weight_init='' (deterministic
         given `seed`; used by --scratch and --random-init): position embeddings, the
         distillation token and every Linear's weight N(0, 0.02) truncated at +-2 (so, in
-        effect, not truncated), Linear biases zero, the class token N(0, 1e-6), LayerNorms one
-        and zero, and the patch convolution PyTorch's default, which timm leaves as it is."""
+        effect, not truncated), Linear biases zero, LayerNorms one and zero, and the patch
+        convolution PyTorch's default, which timm leaves as it is. The class token is N(0, 0.02)
+        as in the DeiT release (timm 0.3.2, what the paper trained with); timm 1.x starts it
+        at N(0, 1e-6)."""
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         self.pos_embed.copy_(_trunc_normal(self.pos_embed.shape, 0.02, g))
-        self.cls_token.copy_(torch.randn(self.cls_token.shape, generator=g) * 1e-6)
+        self.cls_token.copy_(_trunc_normal(self.cls_token.shape, 0.02, g))
         if self.dist_token is not None:
             self.dist_token.copy_(_trunc_normal(self.dist_token.shape, 0.02, g))
         for m in self.modules():

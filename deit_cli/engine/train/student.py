@@ -106,8 +106,10 @@ def rebuild(model: DeiT, config, seed: int) -> DeiT:
 
 @torch.no_grad()
 def _init_head(linear: nn.Linear, seed: int) -> None:
+    """A new classifier as timm (and the release's --finetune) initialises one: N(0, 0.02)
+    truncated at +-2, zero bias."""
     g = torch.Generator().manual_seed(seed)
     t = torch.empty(linear.weight.shape)
-    nn.init.trunc_normal_(t, std=0.02, a=-0.04, b=0.04, generator=g)
+    nn.init.trunc_normal_(t, std=0.02, a=-2.0, b=2.0, generator=g)
     linear.weight.copy_(t)
     linear.bias.zero_()
