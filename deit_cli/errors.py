@@ -55,6 +55,12 @@ class HubUnavailable(DeiTError):
     exit_code = EXIT_UNAVAILABLE
 
 
+class ServeUnavailable(DeiTError):
+    """The server cannot run here: the serve extra is missing, or the address cannot be listened on."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
 class OutputExists(DeiTError):
     """The output exists (and --force was not given) or cannot be created."""
 

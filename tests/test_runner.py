@@ -65,6 +65,7 @@ def test_prepare_picks_the_fast_cpu_path_and_keeps_the_contract():
     runner = runner_module.prepare(model, device="cpu", dtype="fp32")
     assert runner.path == ("cpu-onednn" if runner_module._onednn_ok(torch.float32) else "cpu-eager")
     assert runner.config is model.config and runner.model is model
+    assert not runner.shape_specialised  # one packing serves every batch size
     out = runner(x)
     assert out.dtype == torch.float32 and out.shape == (2, 100)
     assert max_diff(out, heads["avg"]) <= TOL
@@ -115,7 +116,7 @@ def test_compile_path_matches_the_model():
     x = images(2, 64)
     tokens, heads = reference(model, x)
     runner = runner_module.prepare(model, device="cpu", compile=True)
-    assert runner.path.startswith("inductor")
+    assert runner.path.startswith("inductor") and runner.shape_specialised
     assert max_diff(runner(x), heads["avg"]) <= TOL
     assert max_diff(runner.features(x), tokens) <= TOL
     _, _, diff, agree = _low_precision_report("bf16", model, images(16, 64, seed=2), compile=True)
@@ -128,7 +129,7 @@ def test_cuda_graph_path_matches_the_model():
     x = images(4, 64)
     tokens, heads = reference(model, x)
     runner = runner_module.prepare(model, device="cuda", dtype="fp32")
-    assert runner.path == "cuda-graphs"
+    assert runner.path == "cuda-graphs" and runner.shape_specialised
     for _ in range(2):  # capture, then replay
         assert max_diff(runner(x).cpu(), heads["avg"]) <= 1e-3
     assert max_diff(runner.features(x).cpu(), tokens) <= 1e-3

@@ -217,7 +217,8 @@ def served(model_path):
 def client_for(served, **settings):
     from starlette.testclient import TestClient
 
-    from deit_cli.serve.app import Settings, create_app
+    from deit_cli.serve.app import create_app
+    from deit_cli.serve.service import Settings
 
     with TestClient(create_app(served, Settings(**settings))) as c:
         yield c
@@ -503,6 +504,36 @@ def test_padded_batches_give_the_same_answers(model_path, colour_dir):
     feats = padded.embeddings(xs, ["token", "avg", "cls"], [False, True, False])
     for a, b in zip(feats, plain.embeddings(xs, ["token", "avg", "cls"], [False, True, False])):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_the_service_warms_the_model_up_for_its_batch_size(model_path):
+    from deit_cli.checkpoints import load_model
+    from deit_cli.engine.serve import ServedModel
+
+    served = ServedModel(load_model(str(model_path)), device="cpu")
+    served.pad_batches = True
+    with client_for(served, max_batch_size=8) as c:
+        assert served.buckets == (1, 4, 8)  # warmed before the first request
+        assert c.post("/score", json={"input_data": [b64(png())]}).status_code == 200
+
+
+def test_a_failed_warm_up_is_the_servers_error_not_a_traceback(served, monkeypatch):
+    from deit_cli.errors import OutOfMemory
+    from deit_cli.serve.app import create_app
+    from deit_cli.serve.server import listen, run
+    from deit_cli.serve.service import Settings
+
+    def oom(max_batch_size):
+        raise OutOfMemory("out of memory", batch_size=max_batch_size)
+
+    monkeypatch.setattr(served, "warm_up", oom)
+    sock = listen("127.0.0.1", 0)
+    try:
+        with pytest.raises(OutOfMemory) as caught:
+            run(create_app(served, Settings(max_batch_size=4)), sock)
+        assert caught.value.batch_size == 4
+    finally:
+        sock.close()
 
 
 # --------------------------------------------------------------------------- URLs (SSRF)

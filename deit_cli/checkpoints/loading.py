@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..config import default_labels, imagenet_classes, imagenet_wnids  # noqa: F401 - re-exported
+from ..devices import resolve_device, resolve_dtype
 from ..errors import CheckpointError, InputNotFound, UsageError
 from ..model import DeiT, DeiTConfig, resample_pos_embed
 from ..variants import DEFAULT_MODEL, Preprocessing, Variant, find_variant, variant_for_config
@@ -182,8 +183,6 @@ def load_model(
     """Load a DeiT from a registry name or alias, a hub repo id (`org/name[@revision]`),
     a local model directory, or a checkpoint file. Returns the model in eval mode with
     `.config`, `.labels` and `.preprocessing` set."""
-    from ..engine.runner import resolve_device, resolve_dtype
-
     model = build_model(read_checkpoint(str(source)), image_size=image_size)
     return model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
 

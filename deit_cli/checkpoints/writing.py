@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
+from ..devices import resolve_dtype
 from ..errors import CheckpointError, UsageError
 from ..files import atomic_path, check_destination, same_path
 from ..model import DeiT
 from . import layouts
-from ..engine.runner import resolve_dtype
 from .loading import (
     HF_MULTI_LABEL,
     HF_THRESHOLD,

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ..errors import EXIT_UNAVAILABLE, DeiTError, UsageError
+from ..errors import ServeUnavailable, UsageError
 from . import output
 from .inputs import image_options, load
 from .options import (
@@ -28,12 +27,6 @@ from .options import (
 )
 
 INSTALL_HINT = "pip install 'deit-cli[serve]'"
-
-
-class ServeUnavailable(DeiTError):
-    """The server cannot run here: the extra is missing, or the address cannot be listened on."""
-
-    exit_code = EXIT_UNAVAILABLE
 
 
 def serve(
@@ -128,8 +121,12 @@ def serve(
             f"deit serve needs the serve extra ({exc.name} is not installed)", INSTALL_HINT
         ) from None
 
+    from ..serve.server import is_loopback, listen, run
+    from ..serve.service import Settings
+    from ..serve.urls import UrlPolicy
+
     api_key = _api_key(api_key_file)
-    if not _is_loopback(host) and api_key is None and not insecure:
+    if not is_loopback(host) and api_key is None and not insecure:
         raise UsageError(
             f"refusing to listen on {host} without an API key",
             "give --api-key-file FILE or set DEIT_API_KEY; --insecure if you mean it",
@@ -140,10 +137,6 @@ def serve(
     if allow_url_network and not hosts:
         raise UsageError("--allow-url-network needs --allow-url-hosts")
     options = image_options(max_batch_size, workers, crop_pct, resize, no_exif, allow_truncated)
-
-    from ..serve.app import Settings
-    from ..serve.urls import UrlPolicy
-
     try:
         policy = UrlPolicy.from_flags(
             hosts, allow_url_network or (), timeout=url_timeout, max_bytes=int(url_max_mb * 2**20)
@@ -162,89 +155,33 @@ def serve(
         urls=policy,
         decode_workers=max(1, workers if workers is not None else min(8, os.cpu_count() or 1)),
     )
-    sock = _listen(host, port)  # fail fast, before the model loads
+    sock = listen(host, port)  # fail fast, before the model loads
     try:
-        _run(
-            model,
-            sock,
-            host,
-            settings,
-            device,
-            dtype,
-            compile_,
-            head,
-            options,
-            access_log,
-            quiet,
-            insecure,
-            max_connections,
+        from ..engine.serve import ServedModel
+        from ..serve.app import create_app
+
+        net = load(model)
+        served = ServedModel(
+            net, device=device, dtype=dtype, compile=compile_, head=head.value if head else None, options=options
         )
+        output.set_batch_size(settings.max_batch_size)  # an out-of-memory warm-up names it
+        bound = sock.getsockname()[1]
+        where = f"http://[{host}]:{bound}" if ":" in host else f"http://{host}:{bound}"
+
+        def ready() -> None:
+            runner = served.runner
+            output.info(
+                f"serving {net.source} as {settings.name!r} on {where} ({runner.device}, "
+                f"{str(runner.dtype).removeprefix('torch.')}, {runner.path}; "
+                f"batches of up to {settings.max_batch_size})"
+            )
+            if insecure and settings.api_key is None and not is_loopback(host):
+                output.warn(f"listening on {host} without an API key (--insecure)")
+
+        app = create_app(served, settings)
+        run(app, sock, max_connections=max_connections, access_log=access_log, on_ready=None if quiet else ready)
     finally:
         sock.close()
-
-
-def _run(
-    model_source,
-    sock,
-    host,
-    settings,
-    device,
-    dtype,
-    compile_,
-    head,
-    options,
-    access_log,
-    quiet,
-    insecure,
-    max_connections,
-):
-    import uvicorn
-
-    from ..engine.serve import ServedModel
-    from ..serve.app import create_app
-
-    net = load(model_source)
-    served = ServedModel(
-        net, device=device, dtype=dtype, compile=compile_, head=head.value if head else None, options=options
-    )
-    output.set_batch_size(settings.max_batch_size)
-    served.warm_up(settings.max_batch_size)
-    app = create_app(served, settings)
-    port = sock.getsockname()[1]
-    where = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-    class Server(uvicorn.Server):
-        async def startup(self, sockets=None) -> None:
-            await super().startup(sockets)
-            if self.started and not quiet:
-                runner = served.runner
-                output.info(
-                    f"serving {net.source} as {settings.name!r} on {where} ({runner.device}, "
-                    f"{str(runner.dtype).removeprefix('torch.')}, {runner.path}; "
-                    f"batches of up to {settings.max_batch_size})"
-                )
-                if insecure and settings.api_key is None and not _is_loopback(host):
-                    output.warn(f"listening on {host} without an API key (--insecure)")
-
-        def handle_exit(self, sig, frame) -> None:
-            # Readiness goes to 503 at once; uvicorn stops accepting, lets in-flight requests
-            # finish, then the app's shutdown answers what is still queued. Not re-raised
-            # afterwards (uvicorn would), so a SIGTERM ends with exit code 0.
-            app.service.draining = True
-            if self.should_exit and sig == 2:  # a second Ctrl-C: stop now
-                self.force_exit = True
-            self.should_exit = True
-
-    config = uvicorn.Config(
-        app,
-        log_level="info" if access_log else "warning",
-        access_log=access_log,
-        timeout_graceful_shutdown=int(settings.timeout) + 5,
-        lifespan="on",
-        server_header=False,
-        limit_concurrency=max_connections,
-    )
-    Server(config).run(sockets=[sock])
 
 
 def _api_key(path: Path | None) -> str | None:
@@ -260,30 +197,6 @@ def _api_key(path: Path | None) -> str | None:
         return key
     key = os.environ.get("DEIT_API_KEY", "").strip()
     return key or None
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a name: it may resolve to anything
-
-
-def _listen(host: str, port: int):
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host.strip("[]"), port))
-    except OSError as exc:
-        sock.close()
-        raise ServeUnavailable(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
-    sock.set_inheritable(True)
-    return sock
 
 
 def register(app: typer.Typer) -> None:

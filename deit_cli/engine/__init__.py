@@ -1,6 +1,6 @@
 """Engine: every job `deit` does, as functions and generators of result dataclasses.
 
-    runner.py    the fast inference paths (prepare), resolve_device / resolve_dtype
+    runner.py    the fast inference paths (prepare)
     results.py   ImageOptions, the per-image Result, the batched loop the jobs share
     classify.py  classify: the top classes of each image
     features.py  extract_features, pools, and the .npy/.safetensors/.jsonl writers
@@ -14,7 +14,8 @@
 
 Nothing here prints or parses flags: the CLI (and the server) render what these return.
 A library user can do from here whatever the CLI does. Names are imported lazily; the
-job functions are in their modules (`from deit_cli.engine.classify import classify`).
+job functions are in their modules (`from deit_cli.engine.classify import classify`);
+`resolve_device` and `resolve_dtype` are deit_cli.devices'.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from .._lazy import lazy_getattr
 
 _LAZY = {
     "prepare": "runner",
-    "resolve_device": "runner",
-    "resolve_dtype": "runner",
+    "resolve_device": "deit_cli.devices",
+    "resolve_dtype": "deit_cli.devices",
     "ImageOptions": "results",
     "Result": "results",
     "Prediction": "classify",

@@ -25,10 +25,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..checkpoints.loading import load_model, random_model
+from ..devices import DTYPE_NAMES, resolve_device, resolve_dtype
 from ..errors import InputNotFound, OutOfMemory, UsageError, is_out_of_memory
 from ..model import DeiT
 from .peers import PEERS, build_peer, peer_fn
-from .runner import DTYPE_NAMES, prepare, resolve_device, resolve_dtype
+from .runner import prepare
 
 # Dense tensor-core peaks in TFLOP/s from the vendors' data sheets (SXM parts where
 # there are two), by (device-name fragment, dtype); fp32 is the non-tensor-core rate.

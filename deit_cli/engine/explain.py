@@ -36,13 +36,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from ..devices import resolve_device, resolve_dtype
 from ..errors import OutputExists, UsageError
 from ..files import atomic_path
 from ..images.inputs import InputItem
 from ..model import DeiT
 from .classify import Prediction, default_head
 from .results import ImageOptions, Result, reason, run_batches
-from .runner import resolve_device, resolve_dtype
 
 __all__ = [
     "METHODS",

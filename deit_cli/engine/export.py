@@ -36,12 +36,12 @@ from torch import nn
 
 from .. import __version__
 from ..config import DEFAULT_OPSET, EXPORT_DTYPES, dtype_name
+from ..devices import resolve_dtype
 from ..errors import CheckpointError, UsageError
 from ..files import atomic_path, check_destination, same_path
 from ..model import DeiT
 from .classify import check_head
 from .features import _check_pool, default_pool, feature_shape, pool_tokens
-from .runner import resolve_dtype
 
 __all__ = [
     "EXTRA",

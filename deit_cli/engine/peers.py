@@ -12,9 +12,9 @@ from contextlib import nullcontext
 
 import torch
 
+from ..devices import DTYPE_NAMES
 from ..errors import UsageError
 from ..model import DeiT
-from .runner import DTYPE_NAMES
 
 PEERS = ("timm", "transformers")
 

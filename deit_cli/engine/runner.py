@@ -34,8 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import dtype_name
-from ..errors import UsageError
+from ..devices import resolve_device, resolve_dtype
 from ..model import DeiT
 
 # Graphs are kept for this many input shapes (a dataset's last, smaller batch is one).
@@ -54,11 +53,17 @@ class Runner:
         path: str,
         logits_fn: Callable,
         features_fn: Callable,
+        *,
+        shape_specialised: bool = False,
     ):
         self.model = model  # the model prepare() was given (config, labels, preprocessing)
         self.device = device
         self.dtype = dtype
         self.path = path  # what runs, in words: "cpu-onednn", "cuda-graphs", "inductor", ...
+        # Whether the path specialises on the input shape (a CUDA graph or a compiled graph
+        # per batch size): a new shape then costs a capture or a compile, so callers whose
+        # batch sizes vary (the server) pad batches up to a few sizes they warm up.
+        self.shape_specialised = shape_specialised
         self._logits = logits_fn
         self._features = features_fn
 
@@ -117,7 +122,7 @@ def prepare(
         return _compiled(model, fast, device, dtype)
     if device.type == "cuda":
         graphs = _CudaGraphs(fast)
-        return Runner(model, device, dtype, "cuda-graphs", graphs.logits, graphs.features)
+        return Runner(model, device, dtype, "cuda-graphs", graphs.logits, graphs.features, shape_specialised=True)
     path = f"{device.type}-{'onednn' if kind == 'onednn' else 'eager'}"
     return Runner(model, device, dtype, path, fast.logits, fast.features)
 
@@ -435,40 +440,6 @@ def _compiled(model: DeiT, fast: FastDeiT, device: torch.device, dtype: torch.dt
     def features(x):
         return call(x, None)
 
-    return Runner(model, device, dtype, path, logits, features)
-
-
-_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """fp32 | bf16 | fp16 (or float32, bfloat16, float16, half) -> torch dtype; None: fp32."""
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    return _TORCH_DTYPES[dtype_name(dtype)]
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """auto | cpu | cuda | cuda:N | mps -> torch device, checked to exist here."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device!r} requested but CUDA is not available here")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UsageError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("device 'mps' requested but MPS is not available here")
-    return dev
+    return Runner(
+        model, device, dtype, path, logits, features, shape_specialised=True
+    )  # dynamic=False: a graph per shape

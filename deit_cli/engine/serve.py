@@ -62,7 +62,7 @@ class ServedModel:
         # size) get batches padded up to a few sizes, fixed by warm_up: a server's batch
         # sizes vary with its load, and capturing or compiling one at request time costs more
         # than the padding. Rows are independent, so padding never changes an answer.
-        self.pad_batches = self.runner.path not in ("cpu-onednn", "cpu-eager", "mps-eager", "cuda-eager")
+        self.pad_batches = self.runner.shape_specialised
         self.buckets: tuple[int, ...] = ()
 
     @property
@@ -123,7 +123,8 @@ class ServedModel:
     def warm_up(self, max_batch_size: int) -> None:
         """Run the batch shapes the server will use (1 image and a full batch; on the
         shape-specialising paths, each padding size), so that lazy initialisation, CUDA
-        graphs and compilation happen before the server reports ready."""
+        graphs and compilation happen before the server reports ready (the server's
+        Service.start calls it with its queues' batch size)."""
         s = self.image_size
         self.buckets = tuple(sorted({b for b in (1, 4, 16) if b < max_batch_size} | {max_batch_size}))
         for n in self.buckets if self.pad_batches else sorted({1, max_batch_size}):

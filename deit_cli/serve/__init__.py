@@ -4,8 +4,10 @@
     schemas.py   request parsing (Azure /score, Open Inference Protocol v2), ServeError
     urls.py      URL inputs: allow-list, address filter, pinned connections, limits
     metrics.py   the Prometheus metrics
-    app.py       Settings, the shared Service, API-key middleware, create_app
-    routes.py    HTTP <-> engine, nothing else
+    service.py   Settings and the Service the routes share (model, queues, threads, warm-up)
+    routes.py    HTTP <-> engine, and the one map from errors to statuses
+    app.py       create_app: the routes, the API-key and metrics middleware, the lifespan
+    server.py    uvicorn: the listening socket, start-up, graceful draining
 
 Needs the `serve` extra (starlette, uvicorn, prometheus_client). The model computations
 live in deit_cli.engine.serve (ServedModel); this package never touches tensors.

@@ -8,14 +8,19 @@ and shapes the answer; the queue and the model know nothing about HTTP.
     GET  /metrics                    Prometheus text
     GET  /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}, /v2/models/{name}/ready
     POST /v2/models/{name}/infer     Open Inference Protocol v2
+
+Handlers raise what the queue, the engine and the inputs raise; `http_error` is the one
+place that turns those into statuses (and `error_handlers` into answers).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -23,7 +28,6 @@ from starlette.routing import Route
 from .._version import __version__
 from ..errors import UsageError
 from ..images.decode import ImageError
-from .app import Service, service_of
 from .metrics import CONTENT_TYPE_LATEST
 from .queue import BatchQueue, QueueClosed, QueueFull, QueueTimeout
 from .schemas import (
@@ -38,7 +42,65 @@ from .schemas import (
     top_k_param,
     v2_request,
 )
+from .service import Service, service_of
 from .urls import UrlRefused, fetch_url, is_url
+
+# ----------------------------------------------------------------- errors -> HTTP statuses
+
+
+def http_error(exc: Exception, service: Service, name: str = "", index: int | None = None) -> ServeError | None:
+    """The answer for what a handler raised (`name`, `index`: the image at fault), or None
+    for what no request can cause (a bug: 500)."""
+    if isinstance(exc, ServeError):
+        return exc
+    if isinstance(exc, QueueFull):
+        return ServeError(503, "overloaded", str(exc), headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, QueueClosed):
+        return ServeError(503, "unavailable", "the server is shutting down", headers={"Retry-After": "1"})
+    if isinstance(exc, QueueTimeout):
+        return ServeError(504, "timeout", f"not answered within {service.settings.timeout:g} s (--timeout)")
+    if isinstance(exc, UsageError):  # e.g. a model without a classifier asked to classify, an unknown pool
+        return bad_request(exc.one_line())
+    if isinstance(exc, UrlRefused):
+        return ServeError(400, "url_refused", f"{name}: {exc}", index=index)
+    if isinstance(exc, ImageError):
+        msg = exc.message if exc.message.startswith(name) else f"{name}: {exc.message}"
+        return ServeError(422, "bad_image", msg, index=index)
+    return None
+
+
+def error_response(err: ServeError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+async def _mapped_error(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(http_error(exc, service_of(request)))
+
+
+_HTTP_KINDS = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    message = {404: "no such route", 405: "method not allowed on this route"}.get(exc.status_code, str(exc.detail))
+    return JSONResponse(
+        {"error": message, "error_type": _HTTP_KINDS.get(exc.status_code, "error")},
+        status_code=exc.status_code,
+        headers=getattr(exc, "headers", None),
+    )
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    # Never a traceback or the input in the answer; the server's log has the traceback.
+    logging.getLogger("deit.serve").error("internal error on %s", request.url.path, exc_info=exc)
+    return JSONResponse({"error": "internal error", "error_type": "internal"}, status_code=500)
+
+
+def error_handlers() -> dict:
+    """Starlette's exception handlers: every error a request can cause, by `http_error`;
+    unknown routes and methods; anything else is a 500 without details."""
+    mapped = (ServeError, QueueFull, QueueClosed, QueueTimeout, UsageError)
+    return {**dict.fromkeys(mapped, _mapped_error), HTTPException: _http_error, Exception: _internal_error}
+
 
 # ----------------------------------------------------------------- the shared path
 
@@ -79,26 +141,18 @@ def _load_one(service: Service, name: str, index: int, text: str):
                 raise ImageError(str(exc)) from None
         tensor, _notes = service.served.preprocess(data, name)
         return tensor
-    except UrlRefused as exc:
-        raise ServeError(400, "url_refused", f"{name}: {exc}", index=index) from None
-    except ImageError as exc:
-        msg = exc.message if exc.message.startswith(name) else f"{name}: {exc.message}"
-        raise ServeError(422, "bad_image", msg, index=index) from None
+    except (UrlRefused, ImageError) as exc:  # the answer names the image at fault
+        raise http_error(exc, service, name, index) from None
 
 
 async def run_images(service: Service, queue: BatchQueue, req: ImageRequest, item=lambda x: x):
     """Decode a request's images in the decode threads, then run them through `queue`.
     Returns (results, headers). Bound by the request timeout as a whole."""
     if service.draining:
-        raise ServeError(503, "unavailable", "the server is shutting down", headers={"Retry-After": "1"})
-    try:
-        # Room is held now, before any decoding (503 at once when there is none); meanwhile
-        # the batch being formed waits for these images.
-        ticket = queue.announce(len(req.images))
-    except QueueFull as exc:
-        raise ServeError(503, "overloaded", str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
-    except QueueClosed:
-        raise ServeError(503, "unavailable", "the server is shutting down", headers={"Retry-After": "1"}) from None
+        raise QueueClosed()
+    # Room is held now, before any decoding (503 at once when there is none); meanwhile
+    # the batch being formed waits for these images.
+    ticket = queue.announce(len(req.images))
     loop = asyncio.get_running_loop()
     deadline = time.monotonic() + service.settings.timeout
 
@@ -111,21 +165,14 @@ async def run_images(service: Service, queue: BatchQueue, req: ImageRequest, ite
         for r in loaded:  # the first image at fault fails the request, with its index
             if isinstance(r, BaseException):
                 raise r
-        try:
-            return await queue.infer(
-                [item(x) for x in loaded], timeout=max(0.001, deadline - time.monotonic()), ticket=ticket
-            )
-        except QueueFull as exc:
-            raise ServeError(503, "overloaded", str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
-        except QueueClosed:
-            raise ServeError(503, "unavailable", "the server is shutting down", headers={"Retry-After": "1"}) from None
+        return await queue.infer(
+            [item(x) for x in loaded], timeout=max(0.001, deadline - time.monotonic()), ticket=ticket
+        )
 
     try:
         done = await asyncio.wait_for(work(), service.settings.timeout)
-    except (QueueTimeout, asyncio.TimeoutError):
-        raise ServeError(504, "timeout", f"not answered within {service.settings.timeout:g} s (--timeout)") from None
-    except UsageError as exc:  # e.g. a model without a classifier asked to classify
-        raise ServeError(400, "bad_request", exc.one_line()) from None
+    except asyncio.TimeoutError:  # decoding or queueing: the one request timeout
+        raise QueueTimeout() from None
     finally:
         ticket.release()  # a bad image, a timeout: the room held for this request is free again
     route = "/embed" if queue is service.embed_queue else "classify"
@@ -141,17 +188,20 @@ async def run_images(service: Service, queue: BatchQueue, req: ImageRequest, ite
 async def _json_body(request: Request, queue: BatchQueue) -> Any:
     service = service_of(request)
     if service.draining:
-        raise ServeError(503, "unavailable", "the server is shutting down", headers={"Retry-After": "1"})
-    try:
-        queue.check_room(1)  # a full queue refuses before the body is even read
-    except QueueFull as exc:
-        raise ServeError(503, "overloaded", str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+        raise QueueClosed()
+    queue.check_room(1)  # a full queue refuses before the body is even read
     return parse_json(await read_body(request, service.settings.max_body_bytes))
 
 
-def _require_classifier(service: Service) -> None:
+async def _classify(request: Request, service: Service, parse) -> tuple[ImageRequest, list, dict, int, float | None]:
+    """What /score and v2 infer share: the request read by `parse` (its contract's reader),
+    its images classified; returns (request, scores, headers, top k, threshold)."""
     if not service.served.has_classifier:
         raise bad_request("this model has no classifier head; use /embed")
+    req = parse(await _json_body(request, service.classify_queue), service.settings.max_images)
+    k, threshold = _selection(service, req.params)
+    probs, headers = await run_images(service, service.classify_queue, req)
+    return req, probs, headers, k, threshold
 
 
 def _top(service: Service, probs, k: int, threshold: float | None = None) -> list[dict[str, Any]]:
@@ -176,10 +226,7 @@ def _selection(service: Service, params: dict) -> tuple[int, float | None]:
 
 async def score(request: Request) -> Response:
     service = service_of(request)
-    _require_classifier(service)
-    req = score_request(await _json_body(request, service.classify_queue), service.settings.max_images)
-    k, threshold = _selection(service, req.params)
-    probs, headers = await run_images(service, service.classify_queue, req)
+    _, probs, headers, k, threshold = await _classify(request, service, score_request)
     return JSONResponse([_top(service, p, k, threshold) for p in probs], headers=headers)
 
 
@@ -187,10 +234,7 @@ async def embed(request: Request) -> Response:
     service = service_of(request)
     req = score_request(await _json_body(request, service.embed_queue), service.settings.max_images)
     pool, normalize = embed_params(req.params)
-    try:
-        pool = service.served.check_pool(pool)
-    except UsageError as exc:
-        raise bad_request(exc.one_line()) from None
+    pool = service.served.check_pool(pool)
     if pool == "tokens":
         raise bad_request("pool 'tokens' is not served (too large for JSON); use token, avg, cls or dist")
     feats, headers = await run_images(service, service.embed_queue, req, item=lambda x: (x, pool, normalize))
@@ -270,10 +314,7 @@ async def v2_model_ready(request: Request) -> Response:
 
 async def v2_infer(request: Request) -> Response:
     service = _model(request)
-    _require_classifier(service)
-    req = v2_request(await _json_body(request, service.classify_queue), service.settings.max_images)
-    k, threshold = _selection(service, req.params)
-    probs, headers = await run_images(service, service.classify_queue, req)
+    req, probs, headers, k, threshold = await _classify(request, service, v2_request)
     n, c = len(probs), service.served.num_classes
     outputs = [
         {"name": "probabilities", "datatype": "FP32", "shape": [n, c], "data": [float(v) for p in probs for v in p]}
