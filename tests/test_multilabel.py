@@ -213,7 +213,8 @@ def test_serve_answers_the_labels_over_the_threshold(run_cpu, multi_path, colour
 
     from deit_cli.checkpoints import load_model
     from deit_cli.engine.serve import ServedModel
-    from deit_cli.serve.app import Settings, create_app
+    from deit_cli.serve.app import create_app
+    from deit_cli.serve.service import Settings
 
     files = [*colour_files(colour_dir), colour_dir / "mixed.png"]
     images = [base64.b64encode(f.read_bytes()).decode() for f in files]

@@ -34,7 +34,7 @@ from ...config import DeiTConfig, dtype_name
 from ...errors import UsageError
 from ...model import DeiT
 from ...variants import Preprocessing, variant_for_config
-from ..runner import resolve_device
+from ...devices import resolve_device
 from . import data as train_data
 from .augment import Mixup, build_transform
 from .losses import DistillationLoss, base_loss
