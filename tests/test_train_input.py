@@ -132,6 +132,8 @@ def test_worker_processes_serve_every_epoch_and_outlive_a_ctrl_c(data, in_proces
         abandoned.close()
         assert_same(list(loader.epoch(1)), in_process[3:])
         assert_same(list(loader.epoch(0)), first)  # no state carried from epoch to epoch
+    fresh = batches(data, epochs=(1,), **WAYS["2 processes"])  # workers that never saw epoch 0
+    assert_same(fresh, in_process[3:])
 
     with TrainLoader(data, Pid(), batch_size=BATCH, seed=SEED, workers=2, processes=True) as loader:
         pids = [{int(x) for x in b.images.flatten().tolist()} for e in (0, 1) for b in loader.epoch(e)]

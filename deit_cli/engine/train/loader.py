@@ -43,8 +43,9 @@ def default_processes() -> bool:
 
 
 class _Shares(Sampler[list[Key]]):
-    """A batch sampler: this rank's share of each global batch of the current epoch
-    (positions rank, rank + world_size, ...), from `start_step` on. Set per epoch."""
+    """A batch sampler: this rank's share of each global batch (positions rank, rank +
+    world_size, ...), from (`epoch`, `start_step`) on, epoch after epoch without end, so
+    the workers never wait at an epoch's end while the loop starts the next one."""
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int, world_size: int, repeats: int):
         self.n, self.batch_size, self.seed, self.repeats = n, batch_size, seed, repeats
@@ -55,14 +56,14 @@ class _Shares(Sampler[list[Key]]):
     def steps(self) -> int:
         return steps_per_epoch(self.n, self.batch_size)
 
-    def __len__(self) -> int:
-        return max(0, self.steps - self.start_step)
-
     def __iter__(self) -> Iterator[list[Key]]:
-        order = epoch_order(self.n, seed=self.seed, epoch=self.epoch, repeats=self.repeats)
-        for step in range(self.start_step, self.steps):
-            positions = range(step * self.batch_size, min((step + 1) * self.batch_size, len(order)))
-            yield [(self.epoch, p, order[p]) for p in positions[self.rank :: self.world_size]]
+        epoch, start = self.epoch, self.start_step
+        while True:
+            order = epoch_order(self.n, seed=self.seed, epoch=epoch, repeats=self.repeats)
+            for step in range(start, self.steps):
+                positions = range(step * self.batch_size, min((step + 1) * self.batch_size, len(order)))
+                yield [(epoch, p, order[p]) for p in positions[self.rank :: self.world_size]]
+            epoch, start = epoch + 1, 0
 
 
 class _Samples(Dataset):
@@ -142,6 +143,8 @@ class TrainLoader:
         self._samples = _Samples(data, transform, seed, decode_options or {})
         self._loader: DataLoader | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._stream: Iterator | None = None  # batches from (epoch, step) `_next` on
+        self._next: tuple[int, int] | None = None
         if self.processes or self.workers == 0:
             self._loader = DataLoader(
                 self._samples,
@@ -165,24 +168,40 @@ class TrainLoader:
         return self._shares.steps
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[TrainBatch]:
-        """This process's share of each global batch of `epoch`, from `start_step` on.
-        A share whose images all failed is still a batch (of 0 images)."""
-        self._shares.epoch, self._shares.start_step = epoch, start_step
-        batches = iter(self._loader) if self._loader is not None else self._threaded()
-        for step, (images, targets, failed) in enumerate(batches, start_step):
+        """This process's share of each global batch of `epoch`, from `start_step` on (one
+        epoch at a time). A share whose images all failed is still a batch (of 0 images).
+
+        The workers run on into the next epoch while this one is used; asking for another
+        epoch or step than the one that follows (an epoch left half-read, a jump) starts
+        them again there."""
+        if self._next != (epoch, start_step):
+            self._restart(epoch, start_step)
+        steps = self.steps
+        for step in range(start_step, steps):
+            self._next = None  # until the batch is in hand: a failure leaves no position
+            images, targets, failed = next(self._stream)
+            self._next = (epoch, step + 1) if step + 1 < steps else (epoch + 1, 0)
             yield TrainBatch(step, images, targets, failed)
+
+    def _restart(self, epoch: int, start_step: int) -> None:
+        self._shares.epoch, self._shares.start_step = epoch, start_step
+        if self._loader is not None:
+            self._stream = iter(self._loader)  # persistent workers: the same processes, emptied
+        else:
+            if self._stream is not None:
+                self._stream.close()
+            self._stream = self._threaded()
+        self._next = (epoch, start_step)
 
     def _threaded(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         # per image, `prefetch` shares beyond the next one in flight: on a few cores the
         # share wanted next is done soonest
         pending = []
         try:
-            for keys in self._shares:
+            for keys in self._shares:  # without end
                 pending.append((keys, [self._pool.submit(self._samples.load, k) for k in keys]))
                 if len(pending) > self.prefetch + 1:
                     yield self._done(*pending.pop(0))
-            while pending:
-                yield self._done(*pending.pop(0))
         finally:
             for _, futures in pending:
                 for f in futures:
@@ -196,6 +215,9 @@ class TrainLoader:
 
     def close(self) -> None:
         """Stop the workers (processes or threads)."""
+        if self._pool is not None and self._stream is not None:
+            self._stream.close()
+        self._stream = self._next = None
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
