@@ -3,7 +3,8 @@
 A `TrainLoader` is made once per run and serves every epoch. Its workers are processes
 (a torch DataLoader whose workers persist across epochs, each building a whole share of
 a global batch), so decoding and augmentation scale past one process's GIL; or threads
-in this process (per image), which start at once and do as well on a few cores.
+in this process (per image), which start at once and do better on a few cores. Either
+runs on into the next epoch while the loop finishes one.
 
 What a batch holds depends on none of this: the sampler gives, in this process, the
 global positions of this rank's share of each global batch, and each sample is augmented
@@ -32,14 +33,15 @@ def default_workers(local_world_size: int | None = None) -> int:
     """Workers per process: this machine's cores shared by its ranks, at most 8."""
     if local_world_size is None:
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(8, (os.cpu_count() or 1) // max(1, local_world_size)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores // max(1, local_world_size)))
 
 
-def default_processes() -> bool:
-    """Worker processes on a machine with cores to spare; threads on a small one, where
-    a process's start-up and the copy of each batch between processes cost more than
-    the GIL does (see benchmarks/train_input.py)."""
-    return (os.cpu_count() or 1) > 4
+def default_processes(workers: int) -> bool:
+    """Processes beyond 2 workers, where threads would queue on the GIL; threads up to 2,
+    where a process's start-up and a batch's trip through shared memory cost more than
+    the GIL does (benchmarks/train_input.py, on 2 cores)."""
+    return workers > 2
 
 
 class _Shares(Sampler[list[Key]]):
@@ -113,7 +115,7 @@ class TrainLoader:
     `transform(image, rng)` augments one decoded image with its own `random.Random`.
     `workers` processes (or threads, `processes=False`) decode and augment; 0 works in
     this process; None picks `default_workers()`. `processes` None picks
-    `default_processes()`. `pin_memory` (for a CUDA device) hands over page-locked
+    `default_processes(workers)`: threads up to 2 workers, processes beyond. `pin_memory` (for a CUDA device) hands over page-locked
     batches, which `.to(device, non_blocking=True)` copies without blocking. Worker
     processes start with the first epoch and serve the run's every epoch; `close()`
     (or a `with` block) stops them.
@@ -136,7 +138,7 @@ class TrainLoader:
         prefetch: int = 2,
     ):
         self.workers = default_workers() if workers is None else max(0, workers)
-        self.processes = default_processes() if processes is None else processes
+        self.processes = default_processes(self.workers) if processes is None else processes
         self.pin_memory = pin_memory
         self.prefetch = prefetch
         self._shares = _Shares(len(data), batch_size, seed, rank, world_size, repeats)
