@@ -166,9 +166,9 @@ def test_multi_label_targets_are_multi_hot_rows(tmp_path):
     assert want[0].targets.shape == (BATCH, 4) and want[0].targets.dtype == torch.float32
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs a CUDA device")
 @pytest.mark.parametrize("way", ["2 processes", "2 threads", "in-process"])
 def test_pinned_batches_for_a_cuda_device(data, in_process, way):
-    got = batches(data, pin_memory=True, **WAYS[way])
-    assert all(b.images.is_pinned() and b.targets.is_pinned() for b in got if b.images.numel())
+    got = batches(data, pin_memory=True, **WAYS[way])  # asked for without a GPU: harmless
     assert_same(got, in_process)
+    if torch.cuda.is_available():
+        assert all(b.images.is_pinned() and b.targets.is_pinned() for b in got if b.images.numel())

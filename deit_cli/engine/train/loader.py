@@ -115,8 +115,9 @@ class TrainLoader:
     `transform(image, rng)` augments one decoded image with its own `random.Random`.
     `workers` processes (or threads, `processes=False`) decode and augment; 0 works in
     this process; None picks `default_workers()`. `processes` None picks
-    `default_processes(workers)`: threads up to 2 workers, processes beyond. `pin_memory` (for a CUDA device) hands over page-locked
-    batches, which `.to(device, non_blocking=True)` copies without blocking. Worker
+    `default_processes(workers)`: threads up to 2 workers, processes beyond. `pin_memory` (for a CUDA device; ignored where there is no
+    accelerator) hands over page-locked batches, which `.to(device, non_blocking=True)`
+    copies without blocking. Worker
     processes start with the first epoch and serve the run's every epoch; `close()`
     (or a `with` block) stops them.
     """
@@ -139,7 +140,7 @@ class TrainLoader:
     ):
         self.workers = default_workers() if workers is None else max(0, workers)
         self.processes = default_processes(self.workers) if processes is None else processes
-        self.pin_memory = pin_memory
+        self.pin_memory = pin_memory and torch.accelerator.is_available()  # nothing to pin for without one
         self.prefetch = prefetch
         self._shares = _Shares(len(data), batch_size, seed, rank, world_size, repeats)
         self._samples = _Samples(data, transform, seed, decode_options or {})
@@ -153,7 +154,7 @@ class TrainLoader:
                 batch_sampler=self._shares,
                 num_workers=self.workers,
                 collate_fn=_as_is,
-                pin_memory=pin_memory,
+                pin_memory=self.pin_memory,
                 persistent_workers=self.workers > 0,
                 prefetch_factor=prefetch if self.workers else None,
                 worker_init_fn=_worker_init if self.workers else None,
