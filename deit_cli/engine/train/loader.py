@@ -115,11 +115,11 @@ class TrainLoader:
     `transform(image, rng)` augments one decoded image with its own `random.Random`.
     `workers` processes (or threads, `processes=False`) decode and augment; 0 works in
     this process; None picks `default_workers()`. `processes` None picks
-    `default_processes(workers)`: threads up to 2 workers, processes beyond. `pin_memory` (for a CUDA device; ignored where there is no
-    accelerator) hands over page-locked batches, which `.to(device, non_blocking=True)`
-    copies without blocking. Worker
-    processes start with the first epoch and serve the run's every epoch; `close()`
-    (or a `with` block) stops them.
+    `default_processes(workers)`: threads up to 2 workers, processes beyond.
+    `pin_memory` (for a CUDA device; ignored where there is no accelerator) hands over
+    page-locked batches, which `.to(device, non_blocking=True)` copies without blocking.
+    Worker processes start with the first epoch and serve the run's every epoch;
+    `close()` (or a `with` block) stops them.
     """
 
     def __init__(
