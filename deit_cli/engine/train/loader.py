@@ -17,6 +17,7 @@ counted (`TrainBatch.failed`), never a crash.
 from __future__ import annotations
 
 import os
+import random
 import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from .data import TrainBatch, TrainSet, _load, epoch_order, sample_seed, steps_per_epoch
+from ...images.inputs import InputItem
+from .data import TrainBatch, TrainSet, epoch_order, sample_seed, steps_per_epoch
 
 Key = tuple[int, int, int]  # (epoch, position in the epoch, index into the set)
 
@@ -42,6 +44,19 @@ def default_processes(workers: int) -> bool:
     where a process's start-up and a batch's trip through shared memory cost more than
     the GIL does (benchmarks/train_input.py, on 2 cores)."""
     return workers > 2
+
+
+def load_sample(item: InputItem, transform, seed: int, options: dict):
+    """(the augmented tensor, None), or (None, the one-line reason the image was skipped)."""
+    from ...images.decode import ImageError, decode_image
+
+    try:
+        image = decode_image(item, **options).image
+        return transform(image, random.Random(seed)), None
+    except ImageError as e:
+        return None, e.one_line()
+    except Exception as e:  # noqa: BLE001 - one odd image never stops a run
+        return None, f"{item.path}: {type(e).__name__}: {e}"
 
 
 class _Shares(Sampler[list[Key]]):
@@ -77,7 +92,9 @@ class _Samples(Dataset):
 
     def load(self, key: Key):
         epoch, position, index = key
-        return _load(self.data.items[index], self.transform, sample_seed(self.seed, epoch, position), self.options)
+        return load_sample(
+            self.data.items[index], self.transform, sample_seed(self.seed, epoch, position), self.options
+        )
 
     def __getitems__(self, keys: list[Key]):
         return self.assemble([self.load(k) for k in keys], keys)
