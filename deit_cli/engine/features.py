@@ -39,6 +39,7 @@ __all__ = [
     "FILE_FORMATS",
     "OUT_DTYPES",
     "Features",
+    "check_pool",
     "default_pool",
     "feature_shape",
     "pool_tokens",
