@@ -123,7 +123,7 @@ class Pid:
         return torch.full((1,), os.getpid(), dtype=torch.float64)
 
 
-def test_worker_processes_serve_every_epoch_and_outlive_a_ctrl_c(data, in_process):
+def test_worker_processes_serve_every_epoch_and_outlive_a_ctrl_c_or_sigterm(data, in_process):
     with TrainLoader(data, TRANSFORM, batch_size=BATCH, seed=SEED, workers=2, processes=True) as loader:
         first = list(loader.epoch(0))
         assert_same(first, in_process[:3])
@@ -139,8 +139,9 @@ def test_worker_processes_serve_every_epoch_and_outlive_a_ctrl_c(data, in_proces
         pids = [{int(x) for x in b.images.flatten().tolist()} for e in (0, 1) for b in loader.epoch(e)]
         workers = set().union(*pids)
         assert len(workers) == 2 and os.getpid() not in workers
-        for pid in workers:  # Ctrl-C in a terminal reaches the workers too
+        for pid in workers:  # Ctrl-C in a terminal reaches the workers too, SLURM's SIGTERM as well
             os.kill(pid, signal.SIGINT)
+            os.kill(pid, signal.SIGTERM)
         again = {int(x) for e in (2, 3) for b in loader.epoch(e) for x in b.images.flatten().tolist()}
         assert again == workers  # the same processes, still alive
 

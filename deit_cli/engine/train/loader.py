@@ -121,9 +121,11 @@ def _as_is(batch):
 
 
 def _worker_init(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group; the run stops at a step boundary and
-    # shuts its workers down itself, which a worker dead of KeyboardInterrupt would stop.
+    # Ctrl-C reaches the whole process group, and SLURM's scancel sends SIGTERM to every
+    # process of the job: the run stops at a step boundary and shuts its workers down
+    # itself, which a worker dead of the signal would stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class TrainLoader:
