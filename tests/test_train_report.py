@@ -185,28 +185,36 @@ def test_under_torchrun_rank_0_writes_the_one_process_curves(tmp_path, run_cli):
         assert [v for _, v in two[tag]] == pytest.approx([v for _, v in one[tag]], abs=1e-4), tag
 
 
-def test_without_tensorboard_one_line_and_exit_69_before_any_work(tmp_path):
+def test_without_tensorboard_one_line_and_exit_69_before_any_work(tmp_path, run_cpu):
     data = make_set(tmp_path / "data", 1)
     cfg = config_file(tmp_path / "cfg.json", num_classes=3)
     run = tmp_path / "run"
+    args = ["train", data, "-o", run, "--config", cfg, "--recipe", "plain", "--device", "cpu"]
     # `import tensorboard` fails in this process, as if it were not installed
     code = "import sys; sys.modules['tensorboard'] = None\nfrom deit_cli.cli.app import main\nsys.exit(main(sys.argv[1:]))\n"
-    p = subprocess.run(
-        [
-            sys.executable, "-c", code, "train", str(data), "-o", str(run), "--config", str(cfg), "--recipe", "plain",
-            "--device", "cpu", "--report-to", "tensorboard",
-        ],
-        check=False, capture_output=True, text=True, env=subprocess_env(), timeout=120,
-    )  # fmt: skip
+
+    def without_tensorboard(*more) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", code, *map(str, args), *more],
+            check=False, capture_output=True, text=True, env=subprocess_env(), timeout=120,
+        )  # fmt: skip
+
+    line = (
+        "error: --report-to tensorboard needs the tensorboard extra (tensorboard is not installed) "
+        "(pip install 'deit-cli[tensorboard]')"
+    )
+    p = without_tensorboard("--report-to", "tensorboard")
     assert p.returncode == 69, p.stderr
-    assert p.stdout == ""
-    assert p.stderr.strip().splitlines() == [
-        (
-            "error: --report-to tensorboard needs the tensorboard extra (tensorboard is not installed) "
-            "(pip install 'deit-cli[tensorboard]')"
-        )
-    ]
+    assert p.stdout == "" and p.stderr.strip().splitlines() == [line]
     assert not run.exists()
+    # a run that reports to TensorBoard, resumed where it is missing: refused before training
+    rc, _, err = run_cpu(*args, "--epochs", "1", "--report-to", "tensorboard", "-q")
+    assert rc == 0, err
+    before = (run / "checkpoint.pt").read_bytes()
+    p = without_tensorboard("--resume", "--epochs", "2")
+    assert p.returncode == 69 and p.stderr.strip().splitlines() == [line], p.stderr
+    assert (run / "checkpoint.pt").read_bytes() == before
+    assert without_tensorboard("--resume", "--epochs", "2", "--report-to", "none", "-q").returncode == 0
 
 
 def test_report_to_none_writes_no_tensorboard_folder(tmp_path, run_cpu):

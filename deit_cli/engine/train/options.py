@@ -210,6 +210,7 @@ def resumed_options(opts: TrainOptions, saved: dict, epochs_done: int) -> TrainO
         if merged.resume_epochs < epochs_done:
             raise UsageError(f"--epochs {merged.resume_epochs}: the run has done {epochs_done} epochs already")
         merged = replace(merged, recipe=replace(merged.recipe, epochs=merged.resume_epochs))
+    check_report_to(merged.report_to)  # the run's tracker may be one this machine lacks
     return merged
 
 
