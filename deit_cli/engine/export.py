@@ -41,7 +41,7 @@ from ..errors import CheckpointError, UsageError
 from ..files import atomic_path, check_destination, same_path
 from ..model import DeiT
 from .classify import check_head
-from .features import _check_pool, default_pool, feature_shape, pool_tokens
+from .features import check_pool, default_pool, feature_shape, pool_tokens
 
 __all__ = [
     "EXTRA",
@@ -211,7 +211,7 @@ def export_model(
         model = _copy_to(model, "cpu")
     cfg = model.config
     if features:
-        spec = GraphSpec("features", None, _check_pool(cfg, pool or default_pool(cfg)), dtype)
+        spec = GraphSpec("features", None, check_pool(cfg, pool or default_pool(cfg)), dtype)
         out_shape = ["batch", *feature_shape(cfg, spec.pool)]
     else:
         spec = GraphSpec("logits", check_head(model, head, hint="export --features instead"), None, dtype)

@@ -39,6 +39,7 @@ __all__ = [
     "FILE_FORMATS",
     "OUT_DTYPES",
     "Features",
+    "check_pool",
     "default_pool",
     "feature_shape",
     "pool_tokens",
@@ -74,7 +75,7 @@ def feature_shape(config: DeiTConfig, pool: str) -> tuple[int, ...]:
     return (config.embed_dim,)
 
 
-def _check_pool(config: DeiTConfig, pool: str) -> str:
+def check_pool(config: DeiTConfig, pool: str) -> str:
     pool = pool_name(pool)
     if pool == "dist" and not config.distilled:
         raise UsageError("pool 'dist' needs a distilled model (this one has no distillation token)")
@@ -84,7 +85,7 @@ def _check_pool(config: DeiTConfig, pool: str) -> str:
 def pool_tokens(tokens: torch.Tensor, pool: str, config: DeiTConfig, *, normalize: bool = False) -> torch.Tensor:
     """All tokens (B, prefix + patches, D) -> features: token (B, D), avg (B, D), cls (B, D),
     dist (B, D) or tokens (B, prefix + patches, D). `normalize`: L2 over the last dimension."""
-    pool = _check_pool(config, pool)
+    pool = check_pool(config, pool)
     if pool == "tokens":
         out = tokens
     elif pool == "cls" or (pool == "token" and not config.distilled):
@@ -113,7 +114,7 @@ def extract_features(
     """Each input's features (float32 numpy), pooled from the model's `forward_features`
     as `pool` says (default: `default_pool`), optionally L2-normalised, in input order."""
     cfg = model.config
-    pool = _check_pool(cfg, pool or default_pool(cfg))
+    pool = check_pool(cfg, pool or default_pool(cfg))
     runner = prepare(model, device=device, dtype=dtype)
 
     def compute(x: torch.Tensor) -> np.ndarray:

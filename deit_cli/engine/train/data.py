@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -254,88 +252,6 @@ class TrainBatch:
     images: torch.Tensor  # (n, 3, H, W) float32
     targets: torch.Tensor  # (n,) int64, or (multi-label) (n, classes) float32 multi-hot
     failed: list[str]  # images of this share that could not be decoded (skipped)
-
-
-def _load(item: InputItem, transform, seed: int, options: dict):
-    from ...images.decode import ImageError, decode_image
-
-    try:
-        image = decode_image(item, **options).image
-        return transform(image, random.Random(seed)), None
-    except ImageError as e:
-        return None, e.one_line()
-    except Exception as e:  # noqa: BLE001 - one odd image never stops a run
-        return None, f"{item.path}: {type(e).__name__}: {e}"
-
-
-def iter_epoch(
-    data: TrainSet,
-    transform,
-    *,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    start_step: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    repeats: int = 1,
-    workers: int | None = None,
-    decode_options: dict | None = None,
-    prefetch: int = 2,
-) -> Iterator[TrainBatch]:
-    """This process's share of each global batch of an epoch, from `start_step` on.
-
-    Rank r takes positions r, r + world_size, ... of each global batch, so the global
-    batch (and so the model) is the same on any number of processes. `transform(image,
-    rng)` augments one decoded image with its own `random.Random`.
-    """
-    order = epoch_order(len(data), seed=seed, epoch=epoch, repeats=repeats)
-    steps = steps_per_epoch(len(order), batch_size)
-    options = decode_options or {}
-    if workers is None:
-        workers = min(8, os.cpu_count() or 1)
-
-    def share(step: int) -> list[tuple[int, int]]:
-        positions = range(step * batch_size, min((step + 1) * batch_size, len(order)))
-        return [(p, order[p]) for p in positions][rank::world_size]
-
-    def assemble(step: int, loaded, wanted) -> TrainBatch:
-        rows, targets, failed = [], [], []
-        for (tensor, err), (_, i) in zip(loaded, wanted):
-            if tensor is None:
-                failed.append(err)
-            else:
-                rows.append(tensor)
-                targets.append(i)
-        images = torch.stack(rows) if rows else torch.empty(0)
-        return TrainBatch(step, images, data.target_tensor(targets), failed)
-
-    def job(p: int, i: int):
-        return _load(data.items[i], transform, sample_seed(seed, epoch, p), options)
-
-    if workers <= 0:
-        for step in range(start_step, steps):
-            wanted = share(step)
-            yield assemble(step, [job(p, i) for p, i in wanted], wanted)
-        return
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deit-train-data")
-    pending = []
-    try:
-        next_step = start_step
-        while next_step < steps and len(pending) <= prefetch:
-            wanted = share(next_step)
-            pending.append((next_step, wanted, [pool.submit(job, p, i) for p, i in wanted]))
-            next_step += 1
-        while pending:
-            step, wanted, futures = pending.pop(0)
-            loaded = [f.result() for f in futures]
-            if next_step < steps:
-                w = share(next_step)
-                pending.append((next_step, w, [pool.submit(job, p, i) for p, i in w]))
-                next_step += 1
-            yield assemble(step, loaded, wanted)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def check_classes(saved: Sequence[str], now: Sequence[str]) -> None:

@@ -32,12 +32,13 @@ from torch import nn
 
 from ... import distributed
 from ...config import DeiTConfig, dtype_name
+from ...devices import resolve_device
 from ...errors import UsageError
 from ...model import DeiT
 from ...variants import Preprocessing, variant_for_config
-from ...devices import resolve_device
 from . import data as train_data
 from .augment import Mixup, build_transform
+from .loader import TrainLoader
 from .losses import DistillationLoss, base_loss
 from .optim import ModelEma, build_optimizer, ema_note, lr_at
 from .options import (
@@ -130,10 +131,32 @@ def _train(opts: TrainOptions, events: Events) -> dict:
     mixup = Mixup(recipe.mixup, recipe.cutmix, recipe.mixup_switch_prob, recipe.smoothing, len(classes))
     loss = base_loss(soft_targets=mixup.active, smoothing=recipe.smoothing, multi_label=multi)
     stepper = Stepper(
-        student, model, teacher, DistillationLoss(loss, kind, opts.alpha, opts.tau), optimizer, scaler, ema, mixup,
-        device=device, amp_dtype=amp_dtype, grad_accum=opts.grad_accum, clip_grad=recipe.clip_grad, world=world,
-    )  # fmt: skip
-    spe = train_data.steps_per_epoch(len(sets.train), recipe.batch_size)
+        student,
+        model,
+        teacher,
+        DistillationLoss(loss, kind, opts.alpha, opts.tau),
+        optimizer,
+        scaler,
+        ema,
+        mixup,
+        device=device,
+        amp_dtype=amp_dtype,
+        grad_accum=opts.grad_accum,
+        clip_grad=recipe.clip_grad,
+        world=world,
+    )
+    loader = TrainLoader(
+        sets.train,
+        build_transform(model.preprocessing, recipe),
+        batch_size=recipe.batch_size,
+        seed=opts.seed,
+        rank=rank,
+        world_size=world,
+        repeats=recipe.repeated_aug,
+        workers=opts.workers,
+        pin_memory=device.type == "cuda",
+    )
+    spe = loader.steps
     if ema is not None and (note := ema_note(recipe.ema_decay, recipe.epochs * spe)):
         events.note(note)
 
@@ -149,11 +172,12 @@ def _train(opts: TrainOptions, events: Events) -> dict:
             events.note(f"the run was saved by {len(ckpt['rng'])} processes: drop path draws start afresh here")
     create_run_dir(opts.run_dir, resume=opts.resume)
     history = read_metrics(opts.run_dir / "metrics.jsonl", state.epoch) if ckpt is not None else []
-    run = Run(opts, recipe, model, ema, stepper, build_transform(model.preprocessing, recipe), sets, spe, state, events)
+    run = Run(opts, recipe, model, ema, stepper, loader, sets, spe, state, events)
 
     resume_step = state.global_step if ckpt is not None else None
     with (
         Stop().installed() as stop,
+        loader,
         open_report(opts.report_to, opts.run_dir, rank=rank, resume_step=resume_step) as report,
     ):
         run.stop, run.report = stop, report
@@ -304,7 +328,7 @@ class Run:
     model: DeiT
     ema: ModelEma | None
     stepper: Stepper
-    transform: object
+    loader: TrainLoader  # decoding and augmentation, made once per run
     sets: train_data.Sets
     steps_per_epoch: int
     state: RunState
@@ -446,10 +470,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     s.running = {}
     started = last_save = time.perf_counter()
     log_every = opts.log_every or _default_log_every(stepper.device)
-    batches = train_data.iter_epoch(
-        run.sets.train, run.transform, batch_size=r.batch_size, seed=opts.seed, epoch=epoch,
-        start_step=s.step_in_epoch, rank=rank, world_size=world, repeats=r.repeated_aug, workers=opts.workers,
-    )  # fmt: skip
+    batches = run.loader.epoch(epoch, s.step_in_epoch)
     lr, loss_shown, window_from = lr_at(s.global_step, r, run.steps_per_epoch), None, s.step_in_epoch
     try:
         batch = next(batches, None)
@@ -555,14 +576,31 @@ class Stepper:
     per-step numbers all ranks must agree on, in one reduction."""
 
     def __init__(
-        self, student, model, teacher, criterion, optimizer, scaler, ema, mixup, *, device, amp_dtype, grad_accum,
-        clip_grad, world,
-    ):  # fmt: skip
+        self,
+        student,
+        model,
+        teacher,
+        criterion,
+        optimizer,
+        scaler,
+        ema,
+        mixup,
+        *,
+        device,
+        amp_dtype,
+        grad_accum,
+        clip_grad,
+        world,
+    ):
         self.student, self.model, self.teacher, self.criterion = student, model, teacher, criterion
         self.optimizer, self.scaler, self.ema, self.mixup = optimizer, scaler, ema, mixup
         self.device, self.amp_dtype, self.grad_accum, self.clip_grad, self.world = (
-            device, amp_dtype, grad_accum, clip_grad, world,
-        )  # fmt: skip
+            device,
+            amp_dtype,
+            grad_accum,
+            clip_grad,
+            world,
+        )
         self._zero_window()
 
     def _zero_window(self) -> None:

@@ -8,8 +8,8 @@ event files to RUN_DIR/tensorboard/ (`pip install 'deit-cli[tensorboard]'`).
                            record, `val_X` as `val/X` (val/top1, val/top1_ema, val/map, ...)
                            and any other key K as `epoch/K` (epoch/train_loss, epoch/images_per_s)
 
-Steps are global optimizer steps: the first step is step 1, so the scalars of runs with
-other batch sizes or step counts line up by the work done. Only rank 0 writes.
+Steps are global optimizer steps (the first step is step 1); an epoch's scalars sit at its
+last step, on the loss curve's axis. Only rank 0 writes.
 
 `--resume` appends to the same event files' folder: its writer purges every step after the
 checkpoint's (TensorBoard's `purge_step`), which the resumed run then writes again, so a

@@ -1,0 +1,255 @@
+"""The training input pipeline: decoding and augmenting images off the training loop.
+
+A `TrainLoader` is made once per run and serves every epoch. Its workers are processes
+(a torch DataLoader whose workers persist across epochs, each building a whole share of
+a global batch), so decoding and augmentation scale past one process's GIL; or threads
+in this process (per image), which start at once and do better on a few cores. Either
+runs on into the next epoch while the loop finishes one.
+
+What a batch holds depends on none of this: the sampler gives, in this process, the
+global positions of this rank's share of each global batch, and each sample is augmented
+with its own generator seeded by (seed, epoch, position) (`data.sample_seed`). So the
+batches are bit-identical for any number of workers, threads, processes or ranks, and a
+run resumed at a step continues exactly. An image that fails to decode is skipped and
+counted (`TrainBatch.failed`), never a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+from ...images.inputs import InputItem
+from .data import TrainBatch, TrainSet, epoch_order, sample_seed, steps_per_epoch
+
+Key = tuple[int, int, int]  # (epoch, position in the epoch, index into the set)
+
+
+def default_workers(local_world_size: int | None = None) -> int:
+    """Workers per process: this machine's cores shared by its ranks, at most 8."""
+    if local_world_size is None:
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores // max(1, local_world_size)))
+
+
+def default_processes(workers: int) -> bool:
+    """Processes beyond 2 workers, where threads would queue on the GIL; threads up to 2,
+    where a process's start-up and a batch's trip through shared memory cost more than
+    the GIL does (benchmarks/train_input.py, on 2 cores)."""
+    return workers > 2
+
+
+def load_sample(item: InputItem, transform, seed: int, options: dict):
+    """(the augmented tensor, None), or (None, the one-line reason the image was skipped)."""
+    from ...images.decode import ImageError, decode_image
+
+    try:
+        image = decode_image(item, **options).image
+        return transform(image, random.Random(seed)), None
+    except ImageError as e:
+        return None, e.one_line()
+    except Exception as e:  # noqa: BLE001 - one odd image never stops a run
+        return None, f"{item.path}: {type(e).__name__}: {e}"
+
+
+class _Shares(Sampler[list[Key]]):
+    """A batch sampler: this rank's share of each global batch (positions rank, rank +
+    world_size, ...), from (`epoch`, `start_step`) on, epoch after epoch without end, so
+    the workers never wait at an epoch's end while the loop starts the next one."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world_size: int, repeats: int):
+        self.n, self.batch_size, self.seed, self.repeats = n, batch_size, seed, repeats
+        self.rank, self.world_size = rank, world_size
+        self.epoch = self.start_step = 0
+
+    @property
+    def steps(self) -> int:
+        return steps_per_epoch(self.n, self.batch_size)
+
+    def __iter__(self) -> Iterator[list[Key]]:
+        epoch, start = self.epoch, self.start_step
+        while True:
+            order = epoch_order(self.n, seed=self.seed, epoch=epoch, repeats=self.repeats)
+            for step in range(start, self.steps):
+                positions = range(step * self.batch_size, min((step + 1) * self.batch_size, len(order)))
+                yield [(epoch, p, order[p]) for p in positions[self.rank :: self.world_size]]
+            epoch, start = epoch + 1, 0
+
+
+class _Samples(Dataset):
+    """Decodes and augments the images of a share; `__getitems__` returns the share as
+    (images, targets, failed), so a worker process hands over one tensor per batch."""
+
+    def __init__(self, data: TrainSet, transform, seed: int, decode_options: dict):
+        self.data, self.transform, self.seed, self.options = data, transform, seed, decode_options
+
+    def load(self, key: Key):
+        epoch, position, index = key
+        return load_sample(
+            self.data.items[index], self.transform, sample_seed(self.seed, epoch, position), self.options
+        )
+
+    def __getitems__(self, keys: list[Key]):
+        return self.assemble([self.load(k) for k in keys], keys)
+
+    def assemble(self, loaded, keys: list[Key]):
+        rows, indices, failed = [], [], []
+        for (tensor, err), (_, _, index) in zip(loaded, keys):
+            if tensor is None:
+                failed.append(err)
+            else:
+                rows.append(tensor)
+                indices.append(index)
+        if not rows:
+            return torch.empty(0), self.data.target_tensor(indices), failed
+        images = torch.empty((len(rows), *rows[0].shape), dtype=rows[0].dtype)
+        if get_worker_info() is not None:  # stacked straight into shared memory: no copy to send it
+            images.share_memory_()
+        torch.stack(rows, out=images)
+        return images, self.data.target_tensor(indices), failed
+
+
+def _as_is(batch):
+    return batch
+
+
+def _worker_init(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group; the run stops at a step boundary and
+    # shuts its workers down itself, which a worker dead of KeyboardInterrupt would stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class TrainLoader:
+    """This process's share of every global batch of a run, epoch after epoch.
+
+    `transform(image, rng)` augments one decoded image with its own `random.Random`.
+    `workers` processes (or threads, `processes=False`) decode and augment; 0 works in
+    this process; None picks `default_workers()`. `processes` None picks
+    `default_processes(workers)`: threads up to 2 workers, processes beyond.
+    `pin_memory` (for a CUDA device; ignored where there is no accelerator) hands over
+    page-locked batches, which `.to(device, non_blocking=True)` copies without blocking.
+    Worker processes start with the first epoch and serve the run's every epoch;
+    `close()` (or a `with` block) stops them.
+    """
+
+    def __init__(
+        self,
+        data: TrainSet,
+        transform,
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        repeats: int = 1,
+        workers: int | None = None,
+        processes: bool | None = None,
+        pin_memory: bool = False,
+        decode_options: dict | None = None,
+        prefetch: int = 2,
+    ):
+        self.workers = default_workers() if workers is None else max(0, workers)
+        self.processes = default_processes(self.workers) if processes is None else processes
+        self.pin_memory = pin_memory and torch.accelerator.is_available()  # nothing to pin for without one
+        self.prefetch = prefetch
+        self._shares = _Shares(len(data), batch_size, seed, rank, world_size, repeats)
+        self._samples = _Samples(data, transform, seed, decode_options or {})
+        self._loader: DataLoader | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._stream: Iterator | None = None  # batches from (epoch, step) `_next` on
+        self._next: tuple[int, int] | None = None
+        if self.processes or self.workers == 0:
+            self._loader = DataLoader(
+                self._samples,
+                batch_sampler=self._shares,
+                num_workers=self.workers,
+                collate_fn=_as_is,
+                pin_memory=self.pin_memory,
+                persistent_workers=self.workers > 0,
+                prefetch_factor=prefetch if self.workers else None,
+                worker_init_fn=_worker_init if self.workers else None,
+                # its own generator: DataLoader draws a seed per iterator, which must not
+                # move the run's torch generator (a resumed run restores that one)
+                generator=torch.Generator(),
+            )
+        else:
+            self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="deit-train-data")
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps (global batches) per epoch."""
+        return self._shares.steps
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[TrainBatch]:
+        """This process's share of each global batch of `epoch`, from `start_step` on (one
+        epoch at a time). A share whose images all failed is still a batch (of 0 images).
+
+        The workers run on into the next epoch while this one is used; asking for another
+        epoch or step than the one that follows (an epoch left half-read, a jump) starts
+        them again there."""
+        if self._next != (epoch, start_step):
+            self._restart(epoch, start_step)
+        steps = self.steps
+        for step in range(start_step, steps):
+            self._next = None  # until the batch is in hand: a failure leaves no position
+            images, targets, failed = next(self._stream)
+            self._next = (epoch, step + 1) if step + 1 < steps else (epoch + 1, 0)
+            yield TrainBatch(step, images, targets, failed)
+
+    def _restart(self, epoch: int, start_step: int) -> None:
+        self._shares.epoch, self._shares.start_step = epoch, start_step
+        if self._loader is not None:
+            self._stream = iter(self._loader)  # persistent workers: the same processes, emptied
+        else:
+            if self._stream is not None:
+                self._stream.close()
+            self._stream = self._threaded()
+        self._next = (epoch, start_step)
+
+    def _threaded(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        # per image, `prefetch` shares beyond the next one in flight: on a few cores the
+        # share wanted next is done soonest
+        pending = []
+        try:
+            for keys in self._shares:  # without end
+                pending.append((keys, [self._pool.submit(self._samples.load, k) for k in keys]))
+                if len(pending) > self.prefetch + 1:
+                    yield self._done(*pending.pop(0))
+        finally:
+            for _, futures in pending:
+                for f in futures:
+                    f.cancel()
+
+    def _done(self, keys, futures):
+        images, targets, failed = self._samples.assemble([f.result() for f in futures], keys)
+        if self.pin_memory and images.numel():
+            images, targets = images.pin_memory(), targets.pin_memory()
+        return images, targets, failed
+
+    def close(self) -> None:
+        """Stop the workers (processes or threads)."""
+        if self._pool is not None and self._stream is not None:
+            self._stream.close()
+        self._stream = self._next = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._loader is not None:
+            # DataLoader has no public close; its persistent iterator owns the processes
+            iterator = getattr(self._loader, "_iterator", None)
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+            self._loader = None
+
+    def __enter__(self) -> TrainLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
