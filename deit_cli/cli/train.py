@@ -36,6 +36,11 @@ class Distillation(str, Enum):
     hard = "hard"
 
 
+class ReportTo(str, Enum):
+    none = "none"
+    tensorboard = "tensorboard"
+
+
 def train(
     ctx: typer.Context,
     data: Annotated[
@@ -200,20 +205,29 @@ def train(
             help="Also save checkpoint.pt mid-epoch every this many minutes (a preempted run loses at most that).",
         ),
     ] = None,
+    report_to: Annotated[
+        ReportTo,
+        typer.Option(
+            "--report-to",
+            help="Also report the loss and lr of each logged step and each epoch's metrics to: none, or "
+            "tensorboard (event files in RUN_DIR/tensorboard; `tensorboard --logdir RUN_DIR`; needs "
+            "`pip install 'deit-cli[tensorboard]'`). With --resume: the run's, unless given.",
+        ),
+    ] = ReportTo.none,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune a DeiT (or train one from scratch) on a labelled image set, optionally distilling a teacher through the distillation token, as in the paper.
 
-    RUN_DIR receives model.safetensors (the raw weights at the end: what the paper reports), best.safetensors (the raw weights of the best validation epoch), ema.safetensors (with --model-ema), checkpoint.pt (resume with --resume) and metrics.jsonl. Ctrl-C or SIGTERM (preemption) saves a checkpoint at the next step and exits 130 / 143; --checkpoint-every saves mid-epoch too.
+    RUN_DIR receives model.safetensors (the raw weights at the end: what the paper reports), best.safetensors (the raw weights of the best validation epoch), ema.safetensors (with --model-ema), checkpoint.pt (resume with --resume), metrics.jsonl and, with --report-to tensorboard, tensorboard/ (event files). Ctrl-C or SIGTERM (preemption) saves a checkpoint at the next step and exits 130 / 143; --checkpoint-every saves mid-epoch too.
 
-    --resume continues the run with its saved settings: a flag given again must agree with them (only --epochs, --device, --workers, --compile, --log-every and --checkpoint-every may change).
+    --resume continues the run with its saved settings: a flag given again must agree with them (only --epochs, --device, --workers, --compile, --log-every, --checkpoint-every and --report-to may change).
 
     Under torchrun the same command trains the same model on any number of processes when mixup/cutmix and drop path are off (--recipe plain, or --mixup 0 --cutmix 0 --drop-path 0): mixup pairs images within each process's share, and drop path draws per process.
 
     Multi-label (--multi-label, implied by lists of labels): BCE on the class head, validation mAP and F1/IoU at --threshold, best.safetensors by mAP; the saved models are multi-label.
 
-    Exit codes: 2 bad flags, 65 bad data, teacher or a non-finite loss, 66 data not found, 73 RUN_DIR holds a run (use --resume or --force), 74 write failed, 130 interrupted, 143 terminated (SIGTERM).
+    Exit codes: 2 bad flags, 65 bad data, teacher or a non-finite loss, 66 data not found, 69 --report-to's extra not installed, 73 RUN_DIR holds a run (use --resume or --force), 74 write failed, 130 interrupted, 143 terminated (SIGTERM).
     """
     from .. import distributed
     from ..config import DeiTConfig
@@ -281,6 +295,7 @@ def train(
         threshold=threshold,
         log_every=log_every,
         checkpoint_every=checkpoint_every,
+        report_to=report_to.value,
         given=_given(ctx, overrides),
     )
     output.set_batch_size(opts.recipe.batch_size)

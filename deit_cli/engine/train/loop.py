@@ -4,6 +4,7 @@
       train_one_epoch  batches -> student (+ teacher) -> loss -> AdamW step, EMA, schedule
       validate         the raw model (and the EMA) on the validation set
       save             checkpoint.pt, best.safetensors, metrics.jsonl; model.safetensors at the end
+      report           with --report-to: each logged step's loss and lr, each epoch's record
 
 Under torchrun every rank takes its share of each global batch (DDP averages the
 gradients; the loss is scaled so the step is the global batch's whatever the split), and
@@ -50,6 +51,7 @@ from .options import (
     distillation_kind,
     resumed_options,
 )
+from .report import Report, open_report
 from .run_dir import (
     create_run_dir,
     plain_preprocessing,
@@ -172,8 +174,13 @@ def _train(opts: TrainOptions, events: Events) -> dict:
     history = read_metrics(opts.run_dir / "metrics.jsonl", state.epoch) if ckpt is not None else []
     run = Run(opts, recipe, model, ema, stepper, loader, sets, spe, state, events)
 
-    with Stop().installed() as stop, loader:
-        run.stop = stop
+    resume_step = state.global_step if ckpt is not None else None
+    with (
+        Stop().installed() as stop,
+        loader,
+        open_report(opts.report_to, opts.run_dir, rank=rank, resume_step=resume_step) as report,
+    ):
+        run.stop, run.report = stop, report
         for epoch in range(state.epoch, recipe.epochs):
             if rank == 0:
                 events.epoch_start(epoch, recipe.epochs, spe, state.step_in_epoch)
@@ -187,6 +194,7 @@ def _train(opts: TrainOptions, events: Events) -> dict:
                         save_model(opts.run_dir / "best.safetensors", model, _summary(run, epoch + 1))
             history.append(record)
             state.epoch, state.step_in_epoch = epoch + 1, 0
+            report.epoch(state.global_step, record)  # before the checkpoint: a resume purges only what follows it
             _save_checkpoint(run)
             if rank == 0:
                 write_metrics(opts.run_dir / "metrics.jsonl", history)
@@ -326,6 +334,7 @@ class Run:
     state: RunState
     events: Events
     stop: Stop | None = None
+    report: Report = field(default_factory=Report)
 
 
 def _summary(run: Run, epochs_done: int) -> dict:
@@ -352,6 +361,7 @@ def _summary(run: Run, epochs_done: int) -> dict:
 
 def _save_checkpoint(run: Run) -> None:
     m, s = run.model, run.state
+    run.report.flush()  # what was reported up to here is on disk before the checkpoint says so
     write_checkpoint(
         run.opts.run_dir / "checkpoint.pt",
         {
@@ -448,11 +458,15 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     After each step one exchange (`Stepper.exchange`) carries the next batch's image count,
     the stop and save requests and, when read, the loss window: under torchrun a reduction
     every step; on one process a host synchronisation only every `log_every` steps, at the
-    epoch's end, or when a stop or save is due."""
+    epoch's end, or when a stop or save is due. The report gets the loss every `log_every`
+    steps of the epoch and at its end, whatever else read it, so a resumed run reports the
+    same steps and values as an uninterrupted one (a window cut by a checkpoint is carried
+    in it)."""
     r, opts, s, stepper = run.recipe, run.opts, run.state, run.stepper
     world, rank, stop = stepper.world, distributed.world()[0], run.stop
     stepper.student.train()
     sums = s.running or {"loss": 0.0, "samples": 0, "failed": [], "seconds": 0.0}
+    sums.setdefault("reported", [0.0, 0.0])  # loss sum and images since the last reported step
     s.running = {}
     started = last_save = time.perf_counter()
     log_every = opts.log_every or _default_log_every(stepper.device)
@@ -477,7 +491,8 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
             now = time.perf_counter()
             save_due = opts.checkpoint_every is not None and now - last_save >= 60 * opts.checkpoint_every
             last = following is None
-            read = world > 1 or last or stop.requested or save_due or s.step_in_epoch - window_from >= log_every
+            due = last or s.step_in_epoch % log_every == 0  # reported: the same steps in a resumed run
+            read = world > 1 or due or stop.requested or save_due
             n_global, interrupt, terminate, save, window = stepper.exchange(
                 [_count(following), stop.interrupt, stop.terminate, save_due], read=read
             )
@@ -486,6 +501,12 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
                 sums["loss"] += window[0]
                 loss_shown = window[0] / window[1] if window[1] else loss_shown
                 window_from = s.step_in_epoch
+                reported = sums["reported"]
+                reported[0], reported[1] = reported[0] + window[0], reported[1] + window[1]
+                if due:
+                    if reported[1]:
+                        run.report.step(s.global_step, reported[0] / reported[1], lr)
+                    sums["reported"] = [0.0, 0.0]
             if rank == 0:
                 run.events.step(epoch, batch.step, loss_shown, lr, _count(batch))
             stopping = stop.error(interrupt, terminate)

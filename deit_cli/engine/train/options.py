@@ -4,8 +4,9 @@ checks of its options, and what `--resume` may change.
 A resumed run continues with the settings it was started with. A flag given again with
 `--resume` must agree with the saved one, except those that cannot change the run's
 maths (`RESUME_MAY_CHANGE`: `--epochs` extends the run; device, workers, compile,
-logging and checkpoint timing); any other difference is refused with one line naming
-each flag, never silently replaced.
+logging, reporting and checkpoint timing); any other difference is refused with one line
+naming each flag, never silently replaced. `--report-to`, when not given again, continues
+as the run reported.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ...config import DeiTConfig, check_threshold
 from ...errors import EXIT_DATA, EXIT_INTERRUPTED, EXIT_TERMINATED, DeiTError, UsageError
 from ...variants import DEFAULT_MODEL
 from .recipes import Recipe
+from .report import check_report_to
 
 __all__ = [
     "RESUME_MAY_CHANGE",
@@ -50,7 +52,7 @@ class TrainingDiverged(DeiTError):
 
 
 # The TrainOptions a flag given with --resume may change: they do not change the run's maths.
-RESUME_MAY_CHANGE = ("device", "workers", "compile", "log_every", "checkpoint_every", "resume_epochs")
+RESUME_MAY_CHANGE = ("device", "workers", "compile", "log_every", "checkpoint_every", "report_to", "resume_epochs")
 # The flag each TrainOptions field is spelled as (for the one-line refusal).
 FLAGS = {
     "model": "--model",
@@ -108,6 +110,7 @@ class TrainOptions:
     threshold: float | None = None  # multi-label: where a label is predicted (None: 0.5)
     log_every: int | None = None  # steps between reads of the loss (None: about twice a second)
     checkpoint_every: float | None = None  # minutes between mid-epoch checkpoints (None: each epoch only)
+    report_to: str = "none"  # or "tensorboard": event files in RUN_DIR/tensorboard (the tensorboard extra)
     given: frozenset[str] = field(default_factory=frozenset)
 
     def to_plain(self) -> dict:
@@ -159,6 +162,7 @@ def check_options(opts: TrainOptions) -> None:
     if opts.checkpoint_every is not None and opts.checkpoint_every <= 0:
         raise UsageError(f"--checkpoint-every must be a positive number of minutes, not {opts.checkpoint_every:g}")
     distillation_kind(opts)
+    check_report_to(opts.report_to)  # a missing extra fails here, before any work
 
 
 def resumed_options(opts: TrainOptions, saved: dict, epochs_done: int) -> TrainOptions:
@@ -187,10 +191,12 @@ def resumed_options(opts: TrainOptions, saved: dict, epochs_done: int) -> TrainO
     if differ:
         raise UsageError(
             f"{opts.run_dir}: --resume continues the run as it was started; it differs in " + "; ".join(differ),
-            "drop those flags to resume (only --epochs, --device, --workers, --compile, --log-every and "
-            "--checkpoint-every may change), or start a new run",
+            "drop those flags to resume (only --epochs, --device, --workers, --compile, --log-every, "
+            "--checkpoint-every and --report-to may change), or start a new run",
         )
     keep = {k: getattr(opts, k) for k in RESUME_MAY_CHANGE}
+    if "report_to" not in opts.given:  # a run reported to a tracker goes on reporting there
+        keep["report_to"] = saved.get("report_to") or "none"
     fixed = ("recipe", "config", "run_dir", "data", "resume", "force", "given", *keep)
     merged = replace(
         opts,
@@ -204,6 +210,7 @@ def resumed_options(opts: TrainOptions, saved: dict, epochs_done: int) -> TrainO
         if merged.resume_epochs < epochs_done:
             raise UsageError(f"--epochs {merged.resume_epochs}: the run has done {epochs_done} epochs already")
         merged = replace(merged, recipe=replace(merged.recipe, epochs=merged.resume_epochs))
+    check_report_to(merged.report_to)  # the run's tracker may be one this machine lacks
     return merged
 
 
