@@ -10,6 +10,8 @@
     optim.py     AdamW's parameter groups, the learning-rate schedule, the weights' EMA
     validate.py  validation during training (the raw model, and the EMA)
     run_dir.py   the run directory: checkpoints, saved models, metrics.jsonl
+    report.py    --report-to tensorboard: the curves, appended exactly on resume
+    loader.py    TrainLoader: decoding and augmentation in worker processes or threads
     loop.py      train(): the loop alone, Stepper (one optimizer step), Stop (signals)
 
 Nothing here prints or parses flags. `from deit_cli.engine.train.loop import train`.
