@@ -481,7 +481,9 @@ def test_headless_and_plain_models(run_cpu, grey_dir, tmp_path):
     )
     assert rc == 0, err
     (rec,) = records(stdout)
-    assert rec["predictions"] == []
+    assert rec["predictions"] == [] and rec["tokens"] == ["cls", "dist"]
+    # no classifier and no run summary: nothing says the distillation token went untaught
+    assert rec["trained_by_teacher"] is True and "left out" not in err
     assert picture.caption_lines("grey.png", "rollout", [], "m")[1] == "no classifier head: no labels"
     assert Image.open(rec["files"]["png"]).size == picture.layout(64, 2, 0, 2).size  # title + that line
     maps = np.load(rec["files"]["npy"])
@@ -630,6 +632,10 @@ def test_what_was_trained_decides_the_default(run_cpu, grey_dir, tmp_path):
         (rec,) = json.loads(stdout)
         assert rec["tokens"] == (["cls", "dist"] if taught else ["cls"]) and rec["trained_by_teacher"] is taught, name
         assert ("left out" in err) == (not taught), name
+    # headless, no run summary: nothing tells, so the token is mapped as before
+    headless = looking_model(num_classes=0)
+    headless.config = DeiTConfig(**{**headless.config.to_dict(), "dist_head": False})
+    assert engine.distillation_taught(load_model(str(save(headless, tmp_path / "headless.safetensors")))) is True
     # a model that is no local file (a registry name, a hub id) is not read again: its head decides
     model = looking_model()
     assert engine.run_summary(model) is None and engine.distillation_taught(model) is True

@@ -5,11 +5,11 @@
         print(r.path, r.tokens, r.maps.shape)           # ("cls", "dist") (2, 14, 14)
     write_explanations(results, Path("maps"), method="rollout", raw=True)
 
-Which tokens are mapped: the class token always; the distillation token only when a
-teacher trained it (`distillation_taught`): a released distilled model, or a `deit train`
-run with --teacher. A model trained without one (its run summary, the safetensors
-metadata `deit.run`, says `"teacher": null`), or one without a distillation head, still has
-the token, but nothing ever trained it to look anywhere: its map is left out unless asked
+Which tokens are mapped: the class token always; the distillation token when a teacher
+trained it (`distillation_taught`): a released distilled model, or a `deit train` run with
+--teacher. A model trained without one (its run summary, the safetensors metadata
+`deit.run`, says `"teacher": null`), or a classifier without a distillation head, still
+has the token, but nothing trained it to look anywhere: its map is left out unless asked
 for (`tokens=("cls", "dist")`), and then it is marked "not trained by a teacher".
 
 The maps come from an attention-returning forward of the model's own modules, with the
@@ -227,17 +227,18 @@ def run_summary(model: DeiT) -> dict | None:
 
 
 def distillation_taught(model: DeiT) -> bool | None:
-    """Whether a teacher trained the model's distillation token: None when it has none;
-    from the run summary when `deit train` made it (a teacher and a distillation other than
-    "none"); otherwise whether it has a distillation head (released distilled models do;
-    transformers' DeiTForImageClassification and teacherless runs do not)."""
+    """Whether a teacher trained the model's distillation token: None when it has none.
+    False only on evidence: a run summary (`deit train` made it) without a teacher or with
+    distillation "none", or a classifier without a distillation head (transformers'
+    DeiTForImageClassification). True otherwise: a teacher's run, a released distilled
+    model (it has the head), or a headless model with no summary (nothing tells)."""
     cfg = model.config
     if not cfg.distilled:
         return None
     summary = run_summary(model)
     if summary is not None:
         return summary.get("teacher") is not None and summary.get("distillation", "none") not in (None, "none")
-    return bool(cfg.dist_head)
+    return bool(cfg.dist_head) or cfg.num_classes == 0
 
 
 def parse_tokens(tokens: str | Iterable[str]) -> tuple[str, ...]:
