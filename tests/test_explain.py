@@ -323,6 +323,7 @@ def test_raw_and_per_head_files(run_cpu, looking_path, grey_dir, tmp_path):
     assert rc == 0, err
     (rec,) = records(stdout)
     assert rec["method"] == "attention" and rec["tokens"] == ["cls", "dist"]
+    assert rec["trained_by_teacher"] is True and "token_notes" not in rec  # a dist head, no run summary
     assert rec["files"] == {
         "png": str(out / "noise.attention.png"),
         "npy": str(out / "noise.attention.npy"),
@@ -480,7 +481,9 @@ def test_headless_and_plain_models(run_cpu, grey_dir, tmp_path):
     )
     assert rc == 0, err
     (rec,) = records(stdout)
-    assert rec["predictions"] == []
+    assert rec["predictions"] == [] and rec["tokens"] == ["cls", "dist"]
+    # no classifier and no run summary: nothing says the distillation token went untaught
+    assert rec["trained_by_teacher"] is True and "left out" not in err
     assert picture.caption_lines("grey.png", "rollout", [], "m")[1] == "no classifier head: no labels"
     assert Image.open(rec["files"]["png"]).size == picture.layout(64, 2, 0, 2).size  # title + that line
     maps = np.load(rec["files"]["npy"])
@@ -492,6 +495,7 @@ def test_headless_and_plain_models(run_cpu, grey_dir, tmp_path):
     assert rc == 0
     (rec,) = records(stdout)
     assert rec["tokens"] == ["cls"] and len(rec["predictions"]) == 3
+    assert rec["trained_by_teacher"] is None  # no distillation token: nothing to say
     maps = np.load(rec["files"]["npy"])
     assert maps.shape == (1, 4, 4) and argmax2d(maps[0]) == CLS_TARGET
     png = Image.open(rec["files"]["png"])
@@ -508,6 +512,152 @@ def test_table_on_a_terminal_format(run_cpu, model_path, colour_dir, tmp_path):
         "explain", colour_dir / "red.png", "-m", model_path, "-o", tmp_path / "o", "--force", "--format", "json"
     )
     assert rc == 0 and json.loads(stdout)[0]["predictions"][0]["label"] == "red"
+
+
+# --------------------------------------------------------------------------- what was trained
+
+
+@pytest.fixture(scope="module")
+def teacherless_run(tmp_path_factory):
+    """A distilled student trained as `deit train` trains without a teacher (one epoch of
+    the plain recipe on a few generated images): it keeps its distillation token, loses its
+    distillation head, and its model.safetensors carries the run summary (`deit.run`)."""
+    from deit_cli.cli.app import main
+
+    tmp = tmp_path_factory.mktemp("teacherless")
+    rng = np.random.default_rng(0)
+    for c, rgb in enumerate([(220, 40, 40), (40, 40, 220)]):
+        d = tmp / "data" / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(3):
+            a = np.clip(np.array(rgb) + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(a).save(d / f"{i}.png")
+    save(randomize(looking_model(num_classes=2), seed=4), tmp / "student.safetensors")
+    args = ["train", tmp / "data", "-o", tmp / "run", "-m", tmp / "student.safetensors", "--recipe", "plain"]
+    rc = main([str(a) for a in args] + ["--epochs", "1", "--batch-size", "6", "--device", "cpu", "-q"])
+    assert rc == 0
+    return tmp / "run"
+
+
+def test_a_model_trained_without_a_teacher_maps_the_class_token_only(run_cpu, teacherless_run, grey_dir, tmp_path):
+    from colours import model_inputs
+
+    path = teacherless_run / "model.safetensors"
+    model = load_model(str(path))
+    assert model.config.distilled and not model.config.dist_head  # the token stays, its head went
+    summary = engine.run_summary(model)
+    assert summary["distillation"] == "none" and summary["teacher"] is None
+    assert engine.distillation_taught(model) is False and engine.choose_tokens(model) == ("cls",)
+    full = engine.attention_maps(model, model_inputs(model, [grey_dir / "noise.png"])).maps[0].numpy()
+    for source in (path, teacherless_run):  # the file, or the run directory
+        out = tmp_path / source.name
+        rc, stdout, err = run_cpu(
+            "explain", grey_dir / "noise.png", "-m", source, "-o", out, "--raw", "--per-head", "--format", "jsonl"
+        )
+        assert rc == 0, err
+        (rec,) = records(stdout)
+        assert rec["tokens"] == ["cls"] and rec["trained_by_teacher"] is False and "token_notes" not in rec
+        assert "distillation token: not trained by a teacher, so its map is left out (--tokens cls,dist" in err
+        maps, heads = np.load(rec["files"]["npy"]), np.load(rec["files"]["heads"])
+        assert maps.shape == (1, 4, 4) and heads.shape == (1, 2, 4, 4)
+        np.testing.assert_allclose(maps, full[:1], atol=1e-7)  # the class token's map, as the library's
+        assert Image.open(rec["files"]["png"]).size == picture.layout(64, 1, 2, 1 + 2).size  # input and one map
+    rc, _, err = run_cpu("explain", grey_dir / "noise.png", "-m", path, "-o", tmp_path / "q", "-q", "--format", "json")
+    assert rc == 0 and err == ""  # -q: no note
+
+
+def test_tokens_cls_dist_draws_the_untaught_token_marked(run_cpu, teacherless_run, grey_dir, tmp_path):
+    from colours import model_inputs
+
+    path = teacherless_run / "model.safetensors"
+    model = load_model(str(path))
+    out = tmp_path / "o"
+    rc, stdout, err = run_cpu(
+        "explain", grey_dir / "noise.png", "-m", path, "-o", out, "--tokens", "cls,dist", "--raw", "--format", "jsonl"
+    )
+    assert rc == 0, err
+    (rec,) = records(stdout)
+    assert rec["tokens"] == ["cls", "dist"] and rec["trained_by_teacher"] is False
+    assert rec["token_notes"] == {"dist": "not trained by a teacher"} and "left out" not in err
+    maps = np.load(rec["files"]["npy"])
+    full = engine.attention_maps(model, model_inputs(model, [grey_dir / "noise.png"])).maps[0].numpy()
+    np.testing.assert_allclose(maps, full, atol=1e-7)  # both rows, in the model's order
+    png = np.asarray(Image.open(rec["files"]["png"]).convert("RGB"))
+    lay = picture.layout(64, 2, 0, 1 + 2)
+    assert png.shape == (lay.size[1], lay.size[0], 3)
+    # the distillation panel carries the note on a dark band across its top; the class panel does not
+    lum = png.astype(float) @ [0.299, 0.587, 0.114]
+    dist_band, cls_band = (lum[box_slice((b[0], b[1] + 1, b[2], b[1] + picture.LINE))] for b in lay.map_boxes[::-1])
+    assert np.median(dist_band) < 60 and (dist_band > 200).any()  # dark, with white text
+    assert np.median(cls_band) > 60
+    # the order given does not matter; one token alone is fine
+    rc, stdout, _ = run_cpu(
+        "explain", grey_dir / "noise.png", "-m", path, "-o", out, "--tokens", "dist, cls", "--force", "--format", "json"
+    )
+    assert rc == 0 and json.loads(stdout)[0]["tokens"] == ["cls", "dist"]
+    rc, stdout, _ = run_cpu(
+        "explain", grey_dir / "noise.png", "-m", path, "-o", out, "--tokens", "dist", "--force", "--raw", "-F", "json"
+    )
+    (rec,) = json.loads(stdout)
+    assert rc == 0 and rec["tokens"] == ["dist"] and rec["token_notes"] == {"dist": "not trained by a teacher"}
+    np.testing.assert_allclose(np.load(rec["files"]["npy"]), full[1:], atol=1e-7)
+
+
+def with_run(m: DeiT, path, **summary):
+    """`m` saved as `deit train` saves it: with a run summary under `deit.run`."""
+    meta = deit_metadata(m)
+    meta["deit.run"] = json.dumps({"recipe": "plain", "epochs": 1, **summary})
+    save_safetensors(path, m.state_dict(), meta)
+    return path
+
+
+def test_what_was_trained_decides_the_default(run_cpu, grey_dir, tmp_path):
+    no_dist_head = looking_model()
+    no_dist_head.config = DeiTConfig(**{**no_dist_head.config.to_dict(), "dist_head": False})
+    no_dist_head.head_dist = None
+    paths = {
+        # a run with a teacher (its head kept): both tokens, as a released distilled model
+        "taught": with_run(looking_model(), tmp_path / "taught.safetensors", distillation="hard", teacher="x"),
+        # the run summary wins over the head the model still has
+        "summary": with_run(looking_model(), tmp_path / "summary.safetensors", distillation="none", teacher=None),
+        # no run summary and no distillation head (transformers' DeiTForImageClassification)
+        "no-dist-head": save(no_dist_head, tmp_path / "no-dist-head.safetensors"),
+    }
+    expected = {"taught": True, "summary": False, "no-dist-head": False}
+    for name, path in paths.items():
+        taught = expected[name]
+        assert engine.distillation_taught(load_model(str(path))) is taught, name
+        rc, stdout, err = run_cpu("explain", grey_dir / "grey.png", "-m", path, "-o", tmp_path / name, "-F", "json")
+        assert rc == 0, err
+        (rec,) = json.loads(stdout)
+        assert rec["tokens"] == (["cls", "dist"] if taught else ["cls"]) and rec["trained_by_teacher"] is taught, name
+        assert ("left out" in err) == (not taught), name
+    # headless, no run summary: nothing tells, so the token is mapped as before
+    headless = looking_model(num_classes=0)
+    headless.config = DeiTConfig(**{**headless.config.to_dict(), "dist_head": False})
+    assert engine.distillation_taught(load_model(str(save(headless, tmp_path / "headless.safetensors")))) is True
+    # a model that is no local file (a registry name, a hub id) is not read again: its head decides
+    model = looking_model()
+    assert engine.run_summary(model) is None and engine.distillation_taught(model) is True
+    model.run_summary = {"distillation": "none", "teacher": None}  # a library user's own record wins
+    assert engine.distillation_taught(model) is False and engine.choose_tokens(model) == ("cls",)
+    assert engine.choose_tokens(model, "cls,dist") == ("cls", "dist")
+
+
+def test_tokens_usage_errors(run_cpu, grey_dir, looking_path, tmp_path):
+    plain = save(looking_model(distilled=False), tmp_path / "plain.safetensors")
+    rc, stdout, err = run_cpu("explain", grey_dir / "grey.png", "-m", plain, "-o", tmp_path / "o", "--tokens", "dist")
+    assert rc == 2 and "this model has no distillation token" in err and stdout == ""
+    for bad in ("head", ",", "cls,patch"):
+        rc, _, err = run_cpu(
+            "explain", grey_dir / "grey.png", "-m", looking_path, "-o", tmp_path / "o", "--tokens", bad
+        )
+        assert rc == 2 and "--tokens" in err and "use cls, dist or cls,dist" in err, bad
+    assert not (tmp_path / "o").exists()  # refused before anything was made
+    rc, stdout, err = run_cpu(
+        "explain", grey_dir / "grey.png", "-m", looking_path, "-o", tmp_path / "c", "--tokens", "cls", "-F", "json"
+    )
+    assert rc == 0 and json.loads(stdout)[0]["tokens"] == ["cls"] and "left out" not in err
 
 
 # --------------------------------------------------------------------------- the fast path

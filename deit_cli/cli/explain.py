@@ -58,6 +58,15 @@ def explain(
         ),
     ] = Method.rollout,
     per_head: Annotated[bool, typer.Option("--per-head", help="Add the last block's maps, one per head.")] = False,
+    tokens: Annotated[
+        str | None,
+        typer.Option(
+            "--tokens",
+            help="Which tokens to map: cls, dist or cls,dist (default: the class token, and the "
+            "distillation token when a teacher trained it).",
+            show_default=False,
+        ),
+    ] = None,
     raw: Annotated[
         bool,
         typer.Option(
@@ -91,6 +100,12 @@ def explain(
     """Explain images: where the class token (and a distilled model's distillation token) looks.
 
     \b
+    The distillation token is mapped only when a teacher trained it (a released distilled
+    model, or `deit train --teacher`). A model trained without one still has the token but
+    nothing taught it where to look: --tokens cls,dist maps it anyway, marked "not trained
+    by a teacher" on its panel and in the record (trained_by_teacher: false).
+
+    \b
     rollout (default; Abnar & Zuidema 2020): per block l, A_l = attention probabilities
       averaged over heads (N×N), Â_l = 0.5·A_l + 0.5·I with rows renormalised to 1;
       R = Â_L···Â_1; the map is R's class-token (distillation-token) row over the patches.
@@ -119,14 +134,28 @@ def explain(
         items = list(items)
         if not force:
             names = engine.check_outputs([i.path for i in items], out_dir, method.value, raw=raw, per_head=per_head)
+    wanted = engine.parse_tokens(tokens) if tokens is not None else None  # the names, before the model loads
     net = load(model)
+    chosen = engine.choose_tokens(net, wanted)
     engine.check_directory(out_dir)  # created once the model has loaded
     output.set_batch_size(batch_size)
+    if tokens is None and "dist" not in chosen and net.config.distilled and not quiet:
+        output.info(
+            f"{engine.TOKEN_TITLES['dist']}: {engine.UNTAUGHT}, so its map is left out (--tokens cls,dist draws it)"
+        )
     extra = {"model": str(net.source)}
     total = len(items) if isinstance(items, list) else None
     with output.ProgressBar(show, "explaining", total) as bar:
         results = engine.explain(
-            net, items, method=method.value, per_head=per_head, top=top, device=device, dtype=dtype, options=options
+            net,
+            items,
+            method=method.value,
+            per_head=per_head,
+            top=top,
+            tokens=chosen,
+            device=device,
+            dtype=dtype,
+            options=options,
         )
         written = engine.write_explanations(results, out_dir, raw=raw, force=force, names=names, model=str(net.source))
         code = _render(bar.wrap(written), fmt, extra, before_table=bar.stop)

@@ -5,6 +5,13 @@
         print(r.path, r.tokens, r.maps.shape)           # ("cls", "dist") (2, 14, 14)
     write_explanations(results, Path("maps"), method="rollout", raw=True)
 
+Which tokens are mapped: the class token always; the distillation token when a teacher
+trained it (`distillation_taught`): a released distilled model, or a `deit train` run with
+--teacher. A model trained without one (its run summary, the safetensors metadata
+`deit.run`, says `"teacher": null`), or a classifier without a distillation head, still
+has the token, but nothing trained it to look anywhere: its map is left out unless asked
+for (`tokens=("cls", "dist")`), and then it is marked "not trained by a teacher".
+
 The maps come from an attention-returning forward of the model's own modules, with the
 attention probabilities computed explicitly, softmax(QKᵀ/√d) per head; classify, bench
 and the rest keep the fused SDPA path, which never materialises them. Two methods:
@@ -26,6 +33,7 @@ batches as classify; one bad input is a result with an `error`, never an excepti
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -37,7 +45,7 @@ import numpy as np
 import torch
 
 from ..devices import resolve_device, resolve_dtype
-from ..errors import OutputExists, UsageError
+from ..errors import DeiTError, OutputExists, UsageError
 from ..files import atomic_path
 from ..images.inputs import InputItem
 from ..model import DeiT
@@ -54,6 +62,10 @@ __all__ = [
     "rollout",
     "last_attention",
     "attention_maps",
+    "run_summary",
+    "distillation_taught",
+    "parse_tokens",
+    "choose_tokens",
     "explain",
     "OutputNames",
     "output_paths",
@@ -65,6 +77,7 @@ METHODS = ("rollout", "attention")
 DEFAULT_METHOD = "rollout"
 TOKEN_NAMES = ("cls", "dist")  # the prefix tokens, in the model's order
 TOKEN_TITLES = {"cls": "class token", "dist": "distillation token"}
+UNTAUGHT = "not trained by a teacher"  # the note on a distillation token no teacher trained
 
 
 # --------------------------------------------------------------------------- the maths
@@ -182,17 +195,92 @@ def attention_maps(
     return AttentionMaps(maps.contiguous(), None if heads is None else heads.contiguous(), tokens, TOKEN_NAMES[:P])
 
 
+# --------------------------------------------------------------------------- which tokens
+
+
+def run_summary(model: DeiT) -> dict | None:
+    """The run summary `deit train` saved with the model (safetensors metadata `deit.run`),
+    or None: not a local safetensors file, or not made by `deit train`. A dict already set
+    as `model.run_summary` wins (a library user's own record); nothing is downloaded."""
+    own = getattr(model, "run_summary", None)
+    if isinstance(own, dict):
+        return own
+    source = getattr(model, "source", None)
+    if not source or not Path(str(source)).expanduser().exists():
+        return None  # registry names and hub ids: released models, no run summary
+    from safetensors import safe_open
+
+    from ..checkpoints.formats import SAFETENSORS, detect_format
+    from ..checkpoints.loading import resolve_source
+    from .train.run_dir import META_RUN
+
+    try:
+        weights, _, _ = resolve_source(str(source))
+        if detect_format(weights) != SAFETENSORS:
+            return None
+        with safe_open(str(weights), framework="pt") as f:  # the header only
+            raw = (f.metadata() or {}).get(META_RUN)
+        summary = json.loads(raw) if raw else None
+    except (DeiTError, OSError, ValueError, RuntimeError):  # the model loaded; a bad summary is no summary
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def distillation_taught(model: DeiT) -> bool | None:
+    """Whether a teacher trained the model's distillation token: None when it has none.
+    False only on evidence: a run summary (`deit train` made it) without a teacher or with
+    distillation "none", or a classifier without a distillation head (transformers'
+    DeiTForImageClassification). True otherwise: a teacher's run, a released distilled
+    model (it has the head), or a headless model with no summary (nothing tells)."""
+    cfg = model.config
+    if not cfg.distilled:
+        return None
+    summary = run_summary(model)
+    if summary is not None:
+        return summary.get("teacher") is not None and summary.get("distillation", "none") not in (None, "none")
+    return bool(cfg.dist_head) or cfg.num_classes == 0
+
+
+def parse_tokens(tokens: str | Iterable[str]) -> tuple[str, ...]:
+    """Token names from "cls,dist" (or an iterable of names), in the model's order, each
+    once; UsageError (2) for an unknown name or none."""
+    wanted = tokens.split(",") if isinstance(tokens, str) else [str(t) for t in tokens]
+    wanted = [t.strip() for t in wanted if t.strip()]
+    unknown = [t for t in wanted if t not in TOKEN_NAMES]
+    if unknown or not wanted:
+        what = f"unknown token {unknown[0]!r}" if unknown else "no token named"
+        raise UsageError(f"--tokens: {what}; use cls, dist or cls,dist")
+    return tuple(t for t in TOKEN_NAMES if t in wanted)
+
+
+def choose_tokens(model: DeiT, tokens: str | Iterable[str] | None = None) -> tuple[str, ...]:
+    """The tokens to map, in the model's order: `tokens` (see `parse_tokens`) checked
+    against the model's; None: the class token, and the distillation token when a teacher
+    trained it (`distillation_taught`). UsageError (2) for an unknown or absent token."""
+    have = TOKEN_NAMES[: model.config.num_prefix_tokens]
+    if tokens is None:
+        return have if distillation_taught(model) is not False else have[:1]
+    wanted = parse_tokens(tokens)
+    if "dist" in wanted and "dist" not in have:
+        raise UsageError("--tokens dist: this model has no distillation token", "use --tokens cls")
+    return wanted
+
+
 # --------------------------------------------------------------------------- per image
 
 
 @dataclass
 class Explanation(Result):
-    """One image's maps. `maps` (tokens, grid, grid) float32, unnormalised; `heads`
-    (tokens, heads, grid, grid) with per_head; `image` the crop the model saw (S, S, 3)
-    uint8; `files` what was written for it (kind -> path), once written."""
+    """One image's maps. `maps` (tokens, grid, grid) float32, unnormalised, one per name in
+    `tokens`; `heads` (tokens, heads, grid, grid) with per_head; `image` the crop the model
+    saw (S, S, 3) uint8; `files` what was written for it (kind -> path), once written.
+    `taught`: whether a teacher trained the distillation token (None: the model has none);
+    `token_notes`: a note per mapped token that needs one ("dist": UNTAUGHT)."""
 
     method: str = DEFAULT_METHOD
     tokens: tuple[str, ...] = ()
+    taught: bool | None = None
+    token_notes: dict[str, str] = field(default_factory=dict)
     predictions: list[Prediction] = field(default_factory=list)  # best first; empty: no classifier
     maps: np.ndarray | None = None
     heads: np.ndarray | None = None
@@ -200,11 +288,15 @@ class Explanation(Result):
     files: dict[str, str] = field(default_factory=dict)
 
     def to_record(self, **extra: Any) -> dict[str, Any]:
-        """{"path", "method", "tokens", "files": {"png", "npy"?, "heads"?}, "predictions", **extra,
-        "notes"?} or {"path", "error"}."""
+        """{"path", "method", "tokens", "token_notes"?, "trained_by_teacher", "files": {"png",
+        "npy"?, "heads"?}, "predictions", **extra, "notes"?} or {"path", "error"}.
+        trained_by_teacher: whether a teacher trained the distillation token (null: none)."""
         if not self.ok:
             return {"path": self.path, "error": self.error}
         rec: dict[str, Any] = {"path": self.path, "method": self.method, "tokens": list(self.tokens)}
+        if self.token_notes:
+            rec["token_notes"] = dict(self.token_notes)
+        rec["trained_by_teacher"] = self.taught
         if self.files:
             rec["files"] = dict(self.files)
         rec["predictions"] = [p.to_record() for p in self.predictions]
@@ -246,16 +338,22 @@ def explain(
     method: str = DEFAULT_METHOD,
     per_head: bool = False,
     top: int = 5,
+    tokens: str | Iterable[str] | None = None,
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype | None = None,
     options: ImageOptions = ImageOptions(),
 ) -> Iterator[Explanation]:
     """Each input's maps (and its top classes, when the model has a classifier), in input
-    order. Predictions are the model's default head's probabilities (avg for distilled)."""
+    order. Predictions are the model's default head's probabilities (avg for distilled).
+    `tokens`: which tokens to map (see `choose_tokens`; None: those a teacher trained)."""
     _check_method(method)
     if top < 1:
         raise UsageError("--top must be at least 1")
     cfg = model.config
+    chosen = choose_tokens(model, tokens)
+    taught = distillation_taught(model)
+    token_notes = {"dist": UNTAUGHT} if "dist" in chosen and taught is False else {}
+    pick = [TOKEN_NAMES.index(t) for t in chosen]  # rows of attention_maps' output
     net = _on(model, device, dtype)
     classifier = cfg.num_classes > 0 and model.head is not None
     head = default_head(cfg)
@@ -267,8 +365,8 @@ def explain(
 
     def compute(x: torch.Tensor) -> list[tuple]:
         out = attention_maps(net, x, method, per_head=per_head)
-        maps = out.maps.float().cpu().numpy()
-        heads = out.heads.float().cpu().numpy() if out.heads is not None else None
+        maps = out.maps[:, pick].float().cpu().numpy()
+        heads = out.heads[:, pick].float().cpu().numpy() if out.heads is not None else None
         crops = _pixels(x, pre.mean, pre.std)
         if classifier:
             with torch.no_grad():
@@ -277,14 +375,14 @@ def explain(
             tops = list(zip(best.values.cpu().tolist(), best.indices.cpu().tolist()))
         else:
             tops = [([], [])] * len(x)
-        return [(maps[i], None if heads is None else heads[i], crops[i], tops[i], out.names) for i in range(len(x))]
+        return [(maps[i], None if heads is None else heads[i], crops[i], tops[i]) for i in range(len(x))]
 
     def results() -> Iterator[Explanation]:
         for pos, item, row, err, notes in run_batches(net, items, options, compute):
             if err is not None:
                 yield Explanation(pos, item.path, reason(item.path, err), method=method)
                 continue
-            maps, heads, crop, (vals, idxs), names = row
+            maps, heads, crop, (vals, idxs) = row
             preds = [Prediction(r, i, labels[i], v) for r, (v, i) in enumerate(zip(vals, idxs), 1)]
             yield Explanation(
                 pos,
@@ -292,7 +390,9 @@ def explain(
                 None,
                 list(notes),
                 method=method,
-                tokens=names,
+                tokens=chosen,
+                taught=taught,
+                token_notes=dict(token_notes),
                 predictions=preds,
                 maps=maps,
                 heads=heads,
@@ -389,7 +489,17 @@ def write_explanation(
     paths = output_paths(directory, name, r.method, raw=raw, per_head=r.heads is not None)
     if not force:
         _refuse_existing(paths.values(), directory)
-    picture = render(r.image, r.maps, r.tokens, r.method, r.predictions, heads=r.heads, title=r.path, model=model)
+    picture = render(
+        r.image,
+        r.maps,
+        r.tokens,
+        r.method,
+        r.predictions,
+        heads=r.heads,
+        title=r.path,
+        model=model,
+        notes=r.token_notes,
+    )
     with atomic_path(paths["png"]) as tmp:
         picture.save(tmp, format="PNG")
     if "npy" in paths:

@@ -3,7 +3,8 @@
 Layout, left to right: the input as the model saw it (resized and center-cropped), then
 one panel per map (class token; for a distilled model the distillation token beside it),
 each the map upsampled (bilinear) over the input in viridis, with a colour bar under it
-whose ends give the map's own minimum and maximum. Every panel is S x S, where S is the
+whose ends give the map's own minimum and maximum. A token with a note (a distillation
+token no teacher trained) has it written across the top of its panel, on a dark band. Every panel is S x S, where S is the
 model's input size scaled by a whole factor to at least 224 px (224 for 224-px models);
 panels are GAP px apart. With per-head maps, one row per token follows: the last block's
 heads as panels of S//2. A caption at the bottom names the image, the method, the model
@@ -15,7 +16,7 @@ and the top classes with their probabilities.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -170,6 +171,16 @@ def caption_lines(title: str | None, method: str, predictions: Sequence, model: 
     return [first] + [f"{p.rank}. {p.label}  {p.score * 100:.1f}%" for p in predictions]
 
 
+def _band(pic: Image.Image, box: tuple[int, int, int, int], text: str, font) -> None:
+    """`text` in white on a dark band across the top of the panel `box`."""
+    x0, y0, x1, _ = box
+    band = (x0, y0, x1, y0 + LINE + 2)
+    dark = np.asarray(pic.crop(band), dtype=np.float32) * 0.25  # the map shows through, dimmed
+    pic.paste(Image.fromarray(dark.astype(np.uint8)), band[:2])
+    draw = ImageDraw.Draw(pic)
+    draw.text((x0 + 4, y0 + 2), _fit(draw, text, x1 - x0 - 8, font), fill=(255, 255, 255), font=font)
+
+
 def render(
     image: np.ndarray,
     maps: np.ndarray,
@@ -180,9 +191,12 @@ def render(
     heads: np.ndarray | None = None,
     title: str | None = None,
     model: str | None = None,
+    notes: Mapping[str, str] | None = None,
 ) -> Image.Image:
     """The picture for one image: `image` (S0, S0, 3) uint8 as the model saw it, `maps`
-    (tokens, grid, grid), optional `heads` (tokens, heads, grid, grid), the top classes."""
+    (tokens, grid, grid), optional `heads` (tokens, heads, grid, grid), the top classes;
+    `notes`: token name -> a note written on its panel (and over its per-head row)."""
+    notes = dict(notes or {})
     size0 = image.shape[0]
     n_heads = heads.shape[1] if heads is not None else 0
     lines = caption_lines(title, method, predictions, model)
@@ -201,6 +215,8 @@ def render(
     for j, name in enumerate(tokens):
         box, bar = lay.map_boxes[j], lay.bar_boxes[j]
         pic.paste(Image.fromarray(overlay(image, maps[j], S)), box[:2])
+        if name in notes:
+            _band(pic, box, notes[name], font)
         label = f"{TOKEN_TITLES.get(name, name)} · {METHOD_TITLES.get(method, method)}"
         draw.text((box[0], box[1] - LINE + 2), _fit(draw, label, S, font), fill=INK, font=font)
         pic.paste(Image.fromarray(ramp), bar[:2])
@@ -216,9 +232,10 @@ def render(
     for j, row in enumerate(lay.head_boxes):
         t = row[0][2] - row[0][0]
         name = TOKEN_TITLES.get(tokens[j], tokens[j])
+        note = f" ({notes[tokens[j]]})" if tokens[j] in notes else ""
         draw.text(
             (row[0][0], row[0][1] - LINE + 2),
-            f"last block, {name}, per head (each to its own range)",
+            f"last block, {name}{note}, per head (each to its own range)",
             fill=INK,
             font=font,
         )
