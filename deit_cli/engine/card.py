@@ -17,12 +17,13 @@ No torch here: the card is text about a model, made from plain values.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunRecord", "read_run", "model_card", "validation_metrics", "CITATION"]
+__all__ = ["CITATION", "RunRecord", "model_card", "read_run", "validation_metrics"]
 
 META_RUN = "deit.run"  # the run summary in model.safetensors (engine/train/run_dir.py)
 PAPER = "https://arxiv.org/abs/2012.12877"
@@ -145,7 +146,7 @@ def validation_metrics(run: RunRecord | None, *, multi_label: bool) -> list[dict
 
     def add(key: str, mtype: str, name: str, args: dict | None = None) -> None:
         value = record.get(key + suffix)
-        if isinstance(value, (int, float)) and value == value:
+        if isinstance(value, (int, float)) and math.isfinite(value):
             out.append({"key": key, "type": mtype, "name": name, "value": float(value), "args": args})
 
     if multi_label:
@@ -399,8 +400,10 @@ def _training_procedure(model, run: RunRecord | None, pre) -> str:
         lines += [
             "### Training",
             "",
-            f"{_UNKNOWN}: the recipe, epochs, batch size, learning rate, teacher and augmentation "
-            "of these weights are not known.",
+            (
+                f"{_UNKNOWN}: the recipe, epochs, batch size, learning rate, teacher and augmentation "
+                "of these weights are not known."
+            ),
             "",
         ]
         return "\n".join(lines)

@@ -24,7 +24,7 @@ from pathlib import Path
 from ..errors import AccessDenied, CheckpointError, DeiTError, HubUnavailable, UsageError
 from ..files import atomic_path, check_destination
 
-__all__ = ["PushResult", "push", "write_folder", "preprocessor_config", "check_repo_id", "FOLDER_FILES"]
+__all__ = ["FOLDER_FILES", "PushResult", "check_repo_id", "preprocessor_config", "push", "write_folder"]
 
 FOLDER_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")
 # PIL's resampling numbers, which transformers' `resample` takes.
@@ -211,6 +211,6 @@ def _hub_error(repo_id: str, error: BaseException) -> BaseException:
         return hub._from_http_error(repo_id, error)
     if isinstance(error, E.Offline) or hub._offline():
         return HubUnavailable(f"{repo_id}: cannot push while offline (HF_HUB_OFFLINE is set)", "unset HF_HUB_OFFLINE")
-    if isinstance(error, E.Transport) or isinstance(error, (ConnectionError, TimeoutError)):
+    if isinstance(error, (*E.Transport, ConnectionError, TimeoutError)):
         return hub._unavailable(repo_id, error)
     return error
