@@ -109,3 +109,169 @@ def test_a_run_arrives_on_the_hub_in_one_commit_and_loads_in_transformers(run_di
     back = deit_cli.load_model(REPO)
     with torch.no_grad():
         assert (back(x) - ours(x)).abs().max() <= 1e-5
+
+
+# --------------------------------------------------------------------------- the card
+
+
+def test_the_card_states_the_run_and_its_front_matter_holds_the_validation(run_dir, tmp_path, run_cli):
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "hf"
+    rc, stdout, err = run_cli("push", run_dir, REPO, "--out", out, "--no-upload")
+    assert rc == 0, err
+    assert stdout == f"{out}\n"
+    readme = (out / "README.md").read_text()
+    meta = front_matter(readme)
+    assert meta["license"] == "apache-2.0" and meta["library_name"] == "transformers"
+    assert meta["pipeline_tag"] == "image-classification"
+    assert {"image-classification", "deit", "distillation"} <= set(meta["tags"])
+    # the model-index holds the run's validation of these weights (the last epoch's)
+    last = records(run_dir)[-1]
+    (result,) = meta["model-index"][0]["results"]
+    assert result["task"]["type"] == "image-classification" and result["dataset"]["split"] == "validation"
+    got = {m["type"]: m["value"] for m in result["metrics"]}
+    want = {"accuracy": last["val_top1"], "top_k_accuracy": last["val_top3"], "loss": last["val_loss"]}
+    assert got == pytest.approx(want, abs=1e-4)
+    # huggingface_hub reads the card as the Hub will
+    card = ModelCard(readme)
+    assert {(r.metric_type, round(r.metric_value, 2)) for r in card.data.eval_results} == {
+        (k, round(v, 2)) for k, v in want.items()
+    }
+    # the training procedure, from the run's summary and options
+    body = readme.lower()
+    for fact in (
+        "distilled data-efficient image transformer",
+        "distillation token",
+        "| recipe | `plain` |",
+        "| epochs | 2 |",
+        "| batch size (global) | 6 |",
+        "cosine decay",
+        "| augmentation | none",
+        "| image size | 32x32 |",
+        "hard, teacher `teacher.safetensors`",
+        "12 training images in 3 classes",
+        "validated on 6 held-out images",
+        "`checks`, `horizontal`, `vertical`",
+        "shorter side is resized to 36 pixels",
+        "bicubic",
+        f"deit classify image.jpg -m {REPO}".lower(),
+        "automodelforimageclassification",
+    ):
+        assert fact in body, fact
+    assert "not recorded" not in body
+    assert str(run_dir.parent) not in readme  # no local paths on a public card
+    # preprocessor_config.json states the same evaluation transform
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    assert pre["size"] == {"shortest_edge": 36} and pre["crop_size"] == {"height": 32, "width": 32}
+    assert pre["resample"] == 3 and pre["image_mean"] == [0.485, 0.456, 0.406]
+
+
+def test_a_model_without_a_run_summary_gets_a_card_that_says_what_is_not_known(tmp_path, run_cli):
+    import transformers
+
+    src = tiny_model(tmp_path / "plain.safetensors", distilled=False)
+    out = tmp_path / "hf"
+    rc, _, err = run_cli("push", src, REPO, "--out", out, "--no-upload", "--license", "mit")
+    assert rc == 0, err
+    assert "no run summary" in err
+    readme = (out / "README.md").read_text()
+    meta = front_matter(readme)
+    assert meta["license"] == "mit" and "model-index" not in meta and "distillation" not in meta["tags"]
+    sections = readme.split("\n## ")
+    for title in ("Training data", "Training procedure", "Evaluation results"):
+        (section,) = [s for s in sections if s.startswith(title)]
+        assert "Not recorded in these weights" in section, title
+    assert "is not distilled" in readme
+    # a model that is not distilled is transformers' ViT, with our logits
+    model = deit_cli.load_model(str(src))
+    hf = transformers.AutoModelForImageClassification.from_pretrained(out).eval()
+    assert type(hf).__name__ == "ViTForImageClassification"
+    x = torch.stack([eval_transform(model.preprocessing)(img) for img in real_images()])
+    with torch.no_grad():
+        assert (hf(pixel_values=x).logits - model(x)).abs().max() <= 1e-4
+
+
+# --------------------------------------------------------------------------- flags
+
+
+def test_private_revision_and_commit_message_reach_the_hub(run_dir, hub, run_cli):
+    rc, stdout, err = run_cli(
+        "push", run_dir, REPO, "--private", "--revision", "v1", "--commit-message", "first flowers"
+    )
+    assert rc == 0, err
+    assert stdout == f"{hub.url}/{REPO}/tree/v1\n"
+    assert hub.created[-1]["visibility"] == "private"
+    (pushed,) = hub.pushed
+    assert pushed.revision == "v1" and pushed.summary == "first flowers"
+    assert sorted(pushed.files) == sorted(FOLDER_FILES)
+    assert hub.files(REPO, "main") == {}  # the branch got the commit
+    # a second push to the same repo (it exists now) is a second commit; JSON on request
+    rc, stdout, err = run_cli("push", run_dir, REPO, "--json")
+    assert rc == 0, err
+    record = json.loads(stdout)
+    assert record["url"] == f"{hub.url}/{REPO}" and record["commit_url"].endswith(hub.pushed[-1].commit)
+    assert len(hub.pushed) == 2 and hub.pushed[-1].revision == "main"
+
+
+def test_the_token_may_come_from_the_login_file(run_dir, hub, run_cli, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_TOKEN")
+    Path(constants.HF_TOKEN_PATH).write_text(TOKEN)
+    rc, _, err = run_cli("push", run_dir, REPO)
+    assert rc == 0, err
+    assert len(hub.pushed) == 1
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize("repo_id", ["tiny-deit", "a/b/c", f"{REPO}@dev", "me/bad..name", "../x"])
+def test_a_repo_id_that_is_not_owner_name_is_a_usage_error(run_dir, hub, run_cli, repo_id, tmp_path):
+    rc, stdout, err = run_cli("push", run_dir, repo_id, "--out", tmp_path / "hf")
+    assert rc == 2 and stdout == ""
+    assert len(err.strip().splitlines()) == 1 and "owner/name" in err
+    assert hub.count() == 0 and not (tmp_path / "hf").exists()
+
+
+def test_no_upload_needs_out_and_out_is_not_overwritten_without_force(run_dir, tmp_path, run_cli):
+    rc, stdout, err = run_cli("push", run_dir, REPO, "--no-upload")
+    assert rc == 2 and stdout == "" and "--out" in err
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    rc, stdout, err = run_cli("push", run_dir, REPO, "--no-upload", "--out", out)
+    assert rc == 73 and "--force" in err
+    assert (out / "mine.txt").read_text() == "keep me"
+    rc, stdout, err = run_cli("push", run_dir, REPO, "--no-upload", "--out", out, "--force")
+    assert rc == 0, err
+    assert sorted(p.name for p in out.iterdir()) == sorted(FOLDER_FILES)
+
+
+def test_no_token_or_a_refused_one_is_access_denied(run_dir, hub, run_cli, monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_TOKEN")
+    rc, stdout, err = run_cli("push", run_dir, REPO, "--out", tmp_path / "a")
+    assert rc == 77 and stdout == ""
+    assert len(err.strip().splitlines()) == 1 and "token" in err
+    assert hub.count() == 0
+    monkeypatch.setenv("HF_TOKEN", "hf_not_this_one")
+    rc, stdout, err = run_cli("push", run_dir, REPO)
+    assert rc == 77 and stdout == ""
+    assert len(err.strip().splitlines()) == 1 and "refused" in err
+    assert hub.pushed == [] and REPO not in hub.repos
+
+
+def test_an_unreachable_hub_is_69(run_dir, hf_env, run_cli, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("HF_TOKEN", TOKEN)  # hf_env's endpoint: nothing listens there
+    rc, stdout, err = run_cli("push", run_dir, REPO)
+    assert rc == 69 and stdout == ""
+    assert len(err.strip().splitlines()) == 1 and "unreachable" in err
+
+
+def test_a_failing_hub_is_69(run_dir, hub, run_cli):
+    hub.fast_retries()
+    hub.fail_with = 503
+    rc, stdout, err = run_cli("push", run_dir, REPO)
+    assert rc == 69 and stdout == ""
+    assert len(err.strip().splitlines()) == 1

@@ -37,14 +37,9 @@ def push(
 ) -> None:
     """Write SOURCE as a Hub model folder and upload it to REPO_ID in one commit.
 
-    The folder loads in transformers with no code of deit's (config.json with the labels,
-    model.safetensors, preprocessor_config.json with the model's evaluation preprocessing)
-    and holds a README.md model card: the architecture, how to use it, and, for a `deit
-    train` run, its training data, recipe and validation results (the card's model-index,
-    which the Hub shows). The token is huggingface_hub's (HF_TOKEN, or `hf auth login`).
-    Prints the repository URL (with --no-upload, the folder); --json prints a record.
-    Exit codes: 2 a bad REPO_ID or --no-upload without --out; 73 --out exists (use
-    --force); 77 no token or the hub refused it; 69 the hub unreachable.
+    The folder loads in transformers with no code of deit's (config.json with the labels, model.safetensors, preprocessor_config.json with the model's evaluation preprocessing) and holds a README.md model card: the architecture, how to use it and, for a `deit train` run, its training data, recipe and validation results (in the card's model-index too, which the Hub shows).
+
+    The token is the one huggingface_hub finds (HF_TOKEN, or `hf auth login`). Prints the repository URL (with --no-upload, the folder); --json prints a record. Exit codes: 2 a bad REPO_ID, or --no-upload without --out; 73 --out exists (add --force); 77 no token, or the hub refused it; 69 the hub unreachable.
     """
     from ..engine.push import push as run_push
 
