@@ -192,6 +192,37 @@ def test_a_model_without_a_run_summary_gets_a_card_that_says_what_is_not_known(t
         assert (hf(pixel_values=x).logits - model(x)).abs().max() <= 1e-4
 
 
+def test_weights_away_from_their_run_keep_their_validation_and_mark_the_recipe_defaults(run_dir, tmp_path, run_cli):
+    import shutil
+
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(run_dir / "model.safetensors", lone / "flowers.safetensors")
+    out = tmp_path / "hf"
+    rc, _, err = run_cli("push", lone / "flowers.safetensors", REPO, "--out", out, "--no-upload")
+    assert rc == 0, err
+    readme = (out / "README.md").read_text()
+    # the summary in the weights still has the last validation
+    metrics = front_matter(readme)["model-index"][0]["results"][0]["metrics"]
+    assert metrics[0]["value"] == pytest.approx(records(run_dir)[-1]["val_top1"], abs=1e-4)
+    # but the batch size given at training time is not known: the recipe's default, said to be one
+    assert "| batch size (global) | 64 (the recipe's default) |" in readme
+    assert "| epochs | 2 |" in readme  # the summary's own
+    # best.safetensors is the best epoch's weights: its validation is that epoch's
+    rc, _, err = run_cli("push", run_dir / "best.safetensors", REPO, "--out", tmp_path / "best", "--no-upload")
+    assert rc == 0, err
+    best = (tmp_path / "best" / "README.md").read_text()
+    epoch = json.loads(_run_summary(run_dir / "best.safetensors"))["epochs"]
+    assert f"after epoch {epoch}:" in best
+
+
+def _run_summary(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()["deit.run"]
+
+
 # --------------------------------------------------------------------------- flags
 
 

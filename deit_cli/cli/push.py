@@ -41,19 +41,28 @@ def push(
 
     The token is the one huggingface_hub finds (HF_TOKEN, or `hf auth login`). Prints the repository URL (with --no-upload, the folder); --json prints a record. Exit codes: 2 a bad REPO_ID, or --no-upload without --out; 73 --out exists (add --force); 77 no token, or the hub refused it; 69 the hub unreachable.
     """
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
     from ..engine.push import push as run_push
 
-    result = run_push(
-        source,
-        repo_id,
-        out=out,
-        upload=not no_upload,
-        private=private,
-        revision=revision,
-        commit_message=commit_message,
-        license=license_,
-        force=force,
-    )
+    was_disabled = are_progress_bars_disabled()
+    if quiet or not output.show_progress():  # huggingface_hub's upload display, on stderr
+        disable_progress_bars()
+    try:
+        result = run_push(
+            source,
+            repo_id,
+            out=out,
+            upload=not no_upload,
+            private=private,
+            revision=revision,
+            commit_message=commit_message,
+            license=license_,
+            force=force,
+        )
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
     if not quiet and not result.has_run:
         output.info("no run summary in this model: the card says its training and evaluation are not known")
     if json_:

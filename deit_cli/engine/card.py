@@ -223,7 +223,7 @@ def _front_matter(
             task_type="image-classification",
             task_name="Image Classification",
             dataset_type="imagefolder",
-            dataset_name=f"{data or 'validation set'} (validation)",
+            dataset_name=f"{data} (validation)" if data else "the run's validation set",
             dataset_split="validation",
             metric_type=m["type"],
             metric_name=m["name"],
@@ -357,9 +357,12 @@ def _data_name(run: RunRecord | None) -> str | None:
 
 
 def _public(value: str) -> str:
-    """A name fit for a public card: a local path becomes its last part (no home directories)."""
+    """A name fit for a public card: a local path becomes its last part (no home directories);
+    a hub repo id or a registry name stays as it is."""
+    from ..checkpoints.hub import parse_repo_id
+
     path = Path(value).expanduser()
-    if os.sep in value or value.startswith("~") or path.exists():
+    if path.exists() or value.startswith(("/", "~", ".")) or (os.sep in value and parse_repo_id(value) is None):
         return path.name or value
     return value
 
@@ -422,17 +425,19 @@ def _training_procedure(model, run: RunRecord | None, pre) -> str:
     if isinstance(s.get("steps"), int):
         rows.append(("optimizer steps", f"{s['steps']:,}"))
     if r:
-        rows.append(("batch size (global)", str(r.get("batch_size"))))
-        rows.append(("optimizer", _optimizer(r)))
-        rows.append(("learning rate schedule", _schedule(r)))
-        rows.append(("label smoothing", f"{r.get('smoothing', 0):g}"))
-        rows.append(("augmentation", _augmentation(r)))
-        rows.append(("stochastic depth (drop path)", f"{r.get('drop_path', 0):g}"))
-        rows.append(("repeated augmentation", str(r.get("repeated_aug", 1))))
+        # Without the run's checkpoint.pt only the recipe's name is known: its defaults say so.
+        d = (lambda v: v) if run.recipe_exact else (lambda v: f"{v} (the recipe's default)")
+        rows.append(("batch size (global)", d(str(r.get("batch_size")))))
+        rows.append(("optimizer", d(_optimizer(r))))
+        rows.append(("learning rate schedule", d(_schedule(r))))
+        rows.append(("label smoothing", d(f"{r.get('smoothing', 0):g}")))
+        rows.append(("augmentation", d(_augmentation(r))))
+        rows.append(("stochastic depth (drop path)", d(f"{r.get('drop_path', 0):g}")))
+        rows.append(("repeated augmentation", d(str(r.get("repeated_aug", 1)))))
         ema = f"on (decay {r.get('ema_decay'):g})" if r.get("model_ema") else "off"
-        rows.append(("EMA of the weights", ema))
+        rows.append(("EMA of the weights", d(ema)))
         clip = r.get("clip_grad")
-        rows.append(("gradient clipping", f"{clip:g}" if clip else "none"))
+        rows.append(("gradient clipping", d(f"{clip:g}" if clip else "none")))
     size = args.get("image_size") or r.get("image_size") or model.config.image_size
     rows.append(("image size", f"{size}x{size}"))
     rows.append(("distillation", _distillation(s, args)))
@@ -448,8 +453,8 @@ def _training_procedure(model, run: RunRecord | None, pre) -> str:
     lines.append("")
     if r and not run.recipe_exact:
         lines.append(
-            f"The run recorded its recipe's name only, without checkpoint.pt: the rows above are the `{r.get('name')}` "
-            "recipe's defaults, and flags that overrode them at training time are not known."
+            f"These weights came without their run's checkpoint.pt, which records every option: the rows marked "
+            f"as defaults are the `{r.get('name')}` recipe's, and flags that overrode them are not known."
         )
         lines.append("")
     elif not r:

@@ -204,7 +204,10 @@ def _hub_error(repo_id: str, error: BaseException) -> BaseException:
     E = hub._hub_errors()
     status = getattr(getattr(error, "response", None), "status_code", None)
     if isinstance(error, E.RepositoryNotFound) or status in (401, 403):
-        return AccessDenied(f"{repo_id}: the hub refused the push (HTTP {status})", _TOKEN_HINT + " to " + repo_id)
+        return AccessDenied(
+            f"{repo_id}: the hub refused the push (HTTP {status})",
+            f"set HF_TOKEN to a token with write access to {repo_id}'s owner, or run `hf auth login`",
+        )
     if isinstance(error, E.RevisionNotFound):
         return UsageError(f"{repo_id}: {hub._first_line(error)}")
     if isinstance(error, E.HTTP):
