@@ -119,6 +119,7 @@ class FakeHub:
         self.requests: list[Request] = []
         self.fail_with: int | None = None
         self.write_tokens: set[str] = set()  # tokens that may create repos and commit
+        self.licenses: set[str] | None = None  # the license ids a README.md may name (None: any)
         self.created: list[dict] = []  # the create_repo payloads that made a repo
         self.pushed: list[Pushed] = []  # the commits received, in order
         self._upload_root: Path | None = None
@@ -312,8 +313,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 meta = yaml.safe_load(head) if sep else None
                 if not isinstance(meta, dict):
                     errors.append("the front matter is not a YAML mapping")
-                elif "model-index" in meta:
-                    model_index_to_eval_results(meta["model-index"])
+                else:
+                    if "model-index" in meta:
+                        model_index_to_eval_results(meta["model-index"])
+                    licenses = self.fake_hub.licenses
+                    if licenses is not None and meta.get("license") not in licenses:
+                        errors.append(f'"license" must be one of the Hub\'s license ids, not {meta.get("license")!r}')
             except Exception as e:  # noqa: BLE001 - any failure is the README's
                 errors.append(f"{type(e).__name__}: {e}")
         if errors:

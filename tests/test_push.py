@@ -309,3 +309,11 @@ def test_a_failing_hub_is_69(run_dir, hub, run_cli):
     rc, stdout, err = run_cli("push", run_dir, REPO)
     assert rc == 69 and stdout == ""
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_card_the_hub_refuses_is_a_usage_error(run_dir, hub, run_cli):
+    hub.licenses = {"apache-2.0", "mit"}
+    rc, stdout, err = run_cli("push", run_dir, REPO, "--license", "my own terms")
+    assert rc == 2 and stdout == ""
+    assert len(err.strip().splitlines()) == 1 and "license" in err
+    assert hub.pushed == []

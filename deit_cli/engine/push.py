@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import AccessDenied, CheckpointError, DeiTError, HubUnavailable, UsageError
-from ..files import atomic_path, check_destination
+from ..files import atomic_path, check_destination, write_error
 
 __all__ = ["FOLDER_FILES", "PushResult", "check_repo_id", "preprocessor_config", "push", "write_folder"]
 
@@ -83,14 +83,12 @@ def push(
         check_destination(out, force=force, sources=(src,) if src.exists() else ())
     token = _token() if upload else None  # before the model is read: fail fast
 
-    from ..checkpoints.formats import SAFETENSORS, detect_format, read_safetensors
     from ..checkpoints.loading import build_model, read_checkpoint
     from .card import read_run
 
     ckpt = read_checkpoint(source)
     model = build_model(ckpt)
-    metadata = read_safetensors(ckpt.path)[1] if detect_format(ckpt.path) == SAFETENSORS else {}
-    run = read_run(ckpt.path, metadata)
+    run = read_run(ckpt.path, _metadata(ckpt.path))
     result = PushResult(
         repo_id=repo_id,
         url=None,
@@ -114,9 +112,24 @@ def push(
             _upload(result, out, token, commit_message)
     else:
         with tempfile.TemporaryDirectory(prefix="deit-push-") as tmp:
-            build(Path(tmp))
+            try:
+                build(Path(tmp))
+            except OSError as e:
+                raise write_error(Path(tmp), e) from None
             _upload(result, Path(tmp), token, commit_message)
     return result
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata (where `deit train` keeps the run summary); {} for other formats."""
+    from ..checkpoints.formats import SAFETENSORS, detect_format
+
+    if detect_format(path) != SAFETENSORS:
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})
 
 
 def write_folder(model, folder: Path, *, repo_id: str, run=None, license: str = "apache-2.0") -> tuple[str, float]:
@@ -191,6 +204,11 @@ def _upload(result: PushResult, folder: Path, token: str, commit_message: str | 
             info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=message)
     except DeiTError:
         raise
+    except ValueError as e:  # the hub's verdict on README.md's front matter (e.g. a license it does not know)
+        if "metadata" not in str(e):
+            raise _hub_error(repo_id, e) from None
+        why = " ".join(line.strip("- ") for line in str(e).splitlines()[1:] if line.strip()) or str(e).strip()
+        raise UsageError(f"{repo_id}: the hub refused the card's metadata: {why}", "check --license") from None
     except Exception as e:  # noqa: BLE001 - mapped below, else re-raised
         raise _hub_error(repo_id, e) from None
     result.url = str(url)
