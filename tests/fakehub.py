@@ -17,13 +17,30 @@ Use the fixtures (import them into a test module: `from fakehub import fake_hub`
 
 `hf_env` alone gives an isolated, empty cache (and no endpoint that answers);
 `fake_hub` adds the server and points HF_ENDPOINT at it.
+
+It also takes uploads, as `HfApi.create_repo`, `create_branch` and `upload_folder` (or
+`create_commit`) make them: POST /api/repos/create, /api/models/{repo}/branch/{branch},
+/api/models/{repo}/preupload/{revision} (every file "regular": its bytes travel in the
+commit, so no LFS or Xet storage is needed) and /api/models/{repo}/commit/{revision} (an
+ndjson of a header and the files). Writes need a token that `allow_writes` named (else
+401, as the hub answers a missing or invalid token); each commit becomes a new revision
+of the repo, served by the download endpoints like any other, and is recorded:
+
+    fake_hub.allow_writes("hf_write")
+    HfApi(token="hf_write").create_repo("me/model")
+    HfApi(token="hf_write").upload_folder(repo_id="me/model", folder_path=folder)
+    assert fake_hub.pushed[-1].files["config.json"] == (folder / "config.json").read_bytes()
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
+import json
 import os
+import shutil
+import tempfile
 import threading
 import types
 from dataclasses import dataclass, field
@@ -76,6 +93,19 @@ class Request:
     headers: dict[str, str]
 
 
+@dataclass
+class Pushed:
+    """One commit the fake hub received: where, its message, and every file it added."""
+
+    repo_id: str
+    revision: str
+    commit: str
+    summary: str
+    description: str
+    files: dict[str, bytes]  # path in the repo -> the bytes that arrived
+    deleted: list[str] = field(default_factory=list)
+
+
 class FakeHub:
     """An HTTP server serving model repos from local directories.
 
@@ -88,6 +118,11 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.requests: list[Request] = []
         self.fail_with: int | None = None
+        self.write_tokens: set[str] = set()  # tokens that may create repos and commit
+        self.licenses: set[str] | None = None  # the license ids a README.md may name (None: any)
+        self.created: list[dict] = []  # the create_repo payloads that made a repo
+        self.pushed: list[Pushed] = []  # the commits received, in order
+        self._upload_root: Path | None = None
         self._lock = threading.Lock()
         self._server: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -126,6 +161,29 @@ class FakeHub:
 
     def commit(self, repo_id: str, revision: str = "main") -> str:
         return self.repos[repo_id].commits[revision]
+
+    # --- uploads ---
+
+    def allow_writes(self, *tokens: str) -> FakeHub:
+        """Let requests bearing one of `tokens` create repos, branches and commits."""
+        self.write_tokens.update(tokens)
+        return self
+
+    def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
+        """Every file of a repo at a revision: path -> bytes."""
+        root = self.repos[repo_id].revisions[revision]
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    def _new_snapshot(self, repo_id: str, like: Path | None = None) -> Path:
+        """A directory for a new revision of `repo_id` (a copy of `like`)."""
+        if self._upload_root is None:
+            self._upload_root = Path(tempfile.mkdtemp(prefix="fakehub-"))
+        parent = self._upload_root / repo_id.replace("/", "--")
+        parent.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(dir=parent))
+        if like is not None and like.is_dir():
+            shutil.copytree(like, path, dirs_exist_ok=True)
+        return path
 
     # --- requests ---
 
@@ -184,6 +242,9 @@ class FakeHub:
             self._server.server_close()
             self._thread.join(timeout=5)
             self._server = None
+        if self._upload_root is not None:
+            shutil.rmtree(self._upload_root, ignore_errors=True)
+            self._upload_root = None
 
     def __enter__(self) -> FakeHub:
         return self.start()
@@ -204,6 +265,131 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         self._answer(body=True)
+
+    def do_POST(self):
+        hub = self.fake_hub
+        path = urlsplit(self.path).path
+        hub._record(Request(self.command, path, dict(self.headers.items())))
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        if hub.fail_with is not None:
+            return self._error(hub.fail_with, None, "fake hub failure")
+        if path == "/api/validate-yaml":  # upload_folder asks before it uploads a README.md
+            return self._validate_yaml(json.loads(body or b"{}").get("content", ""))
+        auth = self.headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or auth[len("Bearer ") :] not in hub.write_tokens:
+            return self._error(401, None, "Invalid credentials in Authorization header")
+        token = auth[len("Bearer ") :]
+        parts = [unquote(p) for p in path.lstrip("/").split("/")]
+        if parts == ["api", "repos", "create"]:
+            return self._create_repo(json.loads(body or b"{}"), token)
+        # /api/models/{org}/{name}/{preupload|commit|branch}/{revision...}
+        if len(parts) < 6 or parts[:2] != ["api", "models"] or parts[4] not in ("preupload", "commit", "branch"):
+            return self._error(404, None, "Not found")
+        repo_id, action, revision = f"{parts[2]}/{parts[3]}", parts[4], "/".join(parts[5:])
+        repo = hub.repos.get(repo_id)
+        if repo is None:
+            return self._error(404, "RepoNotFound", "Repository not found")
+        if action == "branch":
+            return self._create_branch(repo, revision)
+        if revision not in repo.revisions:
+            return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+        if action == "preupload":
+            files = json.loads(body)["files"]
+            modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files]
+            return self._json(200, {"files": modes, "commitOid": repo.commits[revision]})
+        return self._commit(repo_id, repo, revision, body)
+
+    def _validate_yaml(self, content: str) -> None:
+        """What the hub checks of a README.md's front matter, in part: YAML, a mapping, and a
+        model-index that huggingface_hub itself can read back."""
+        import yaml
+        from huggingface_hub.repocard_data import model_index_to_eval_results
+
+        errors = []
+        if content.startswith("---\n"):
+            head, sep, _ = content[4:].partition("\n---\n")
+            try:
+                meta = yaml.safe_load(head) if sep else None
+                if not isinstance(meta, dict):
+                    errors.append("the front matter is not a YAML mapping")
+                else:
+                    if "model-index" in meta:
+                        model_index_to_eval_results(meta["model-index"])
+                    licenses = self.fake_hub.licenses
+                    if licenses is not None and meta.get("license") not in licenses:
+                        errors.append(f'"license" must be one of the Hub\'s license ids, not {meta.get("license")!r}')
+            except Exception as e:  # noqa: BLE001 - any failure is the README's
+                errors.append(f"{type(e).__name__}: {e}")
+        if errors:
+            return self._json(400, {"error": errors[0], "errors": [{"message": m} for m in errors], "warnings": []})
+        return self._json(200, {"errors": [], "warnings": []})
+
+    def _create_repo(self, payload: dict, token: str) -> None:
+        hub = self.fake_hub
+        repo_id = f"{payload.get('organization')}/{payload.get('name')}"
+        url = f"{hub.url}/{repo_id}"
+        if repo_id in hub.repos:
+            return self._json(409, {"error": "You already created this model repo", "url": url})
+        private = payload.get("visibility") == "private" or bool(payload.get("private"))
+        hub.add_repo(repo_id, hub._new_snapshot(repo_id), private=private, token=token if private else None)
+        hub.created.append(payload)
+        return self._json(200, {"url": url, "name": repo_id, "id": hashlib.sha1(repo_id.encode()).hexdigest()[:24]})
+
+    def _create_branch(self, repo: Repo, branch: str) -> None:
+        if branch in repo.revisions:
+            return self._json(409, {"error": f"Reference already exists: refs/heads/{branch}"})
+        repo.revisions[branch] = repo.revisions["main"]
+        repo.commits[branch] = repo.commits["main"]
+        return self._json(200, {})
+
+    def _commit(self, repo_id: str, repo: Repo, revision: str, body: bytes) -> None:
+        hub = self.fake_hub
+        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+        header = next((x["value"] for x in lines if x.get("key") == "header"), None)
+        if header is None:
+            return self._error(400, None, "The commit has no header")
+        files, deleted = {}, []
+        for item in lines:
+            key, value = item.get("key"), item.get("value", {})
+            if key == "file":
+                files[value["path"]] = base64.b64decode(value["content"])
+            elif key in ("deletedFile", "deletedFolder"):
+                deleted.append(value["path"])
+            elif key != "header":  # lfsFile, copies: never asked for (preupload says "regular")
+                return self._error(400, None, f"The fake hub takes no {key!r} in a commit")
+        root = hub._new_snapshot(repo_id, like=repo.revisions[revision])
+        for name in deleted:
+            target = root / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+        for name, data in files.items():
+            target = (root / name).resolve()
+            if ".." in name.split("/") or root.resolve() not in target.parents:
+                return self._error(400, None, f"Bad path {name!r}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        with hub._lock:
+            commit = hashlib.sha1(f"{repo_id}@{revision}#{len(hub.pushed)}".encode()).hexdigest()
+            repo.revisions[revision], repo.commits[revision] = root, commit
+            hub.pushed.append(
+                Pushed(
+                    repo_id, revision, commit, header.get("summary", ""), header.get("description", ""), files, deleted
+                )
+            )
+        return self._json(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{commit}", "commitOid": commit})
+
+    def _json(self, status: int, obj: dict) -> None:
+        payload = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        if status >= 400 and "error" in obj:
+            self.send_header("X-Error-Message", obj["error"])
+        self.end_headers()
+        self.wfile.write(payload)
 
     def _answer(self, body: bool) -> None:
         hub = self.fake_hub

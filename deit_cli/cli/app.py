@@ -16,7 +16,19 @@ from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, DeiTError, Out
 from . import output
 
 # One module per command (cli/X.py); importing one must not import torch.
-COMMANDS = ("classify", "features", "evaluate", "explain", "train", "convert", "export", "models", "bench", "serve")
+COMMANDS = (
+    "classify",
+    "features",
+    "evaluate",
+    "explain",
+    "train",
+    "convert",
+    "export",
+    "push",
+    "models",
+    "bench",
+    "serve",
+)
 
 
 class _Group(TyperGroup):
@@ -29,7 +41,7 @@ class _Group(TyperGroup):
 app = typer.Typer(
     cls=_Group,
     name="deit",
-    help="Data-efficient Image Transformers (DeiT): classify, extract features, evaluate, train, explain, convert, export, serve, benchmark.",
+    help="Data-efficient Image Transformers (DeiT): classify, extract features, evaluate, train, explain, convert, export, push to the Hub, serve, benchmark.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
