@@ -21,6 +21,13 @@ EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM: stopped by a cluster (preemption), checkpoint saved
 
 
+def first_line(e: BaseException | str, default: str = "") -> str:
+    """The first non-blank line of an exception's message (at most 200 characters), for a
+    one-line error; `default` when it has none."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:200] if lines else default
+
+
 class DeiTError(Exception):
     """Base class: a message (what failed and why), an optional hint (what to do)."""
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from ..files import input_error
 
 SAFETENSORS = "safetensors"
@@ -95,7 +95,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     try:
         tensors = load_file(str(path))
     except (SafetensorError, ValueError, RuntimeError, TypeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors file ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: corrupt safetensors file ({first_line(e, type(e).__name__)})") from None
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
@@ -128,10 +128,10 @@ def read_torch(path: Path) -> object:
             # torch's own text suggests weights_only=False; keep only what went wrong
             m = re.search(r"WeightsUnpickler error:\s*(.+)", msg)
             raise CheckpointError(
-                f"{path}: refused: {_first_line(m.group(1)) if m else 'the pickle holds more than tensors'}",
+                f"{path}: refused: {first_line(m.group(1)) if m else 'the pickle holds more than tensors'}",
                 "only tensors and plain data are read; this file may run code when loaded elsewhere",
             ) from None
-        raise CheckpointError(f"{path}: unreadable torch checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: unreadable torch checkpoint ({first_line(e, type(e).__name__)})") from None
 
 
 def find_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -173,8 +173,3 @@ def _no_duplicates(pairs):
             raise _DuplicateKey(k)
         out[k] = v
     return out
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0][:200] if lines else type(e).__name__

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..errors import AccessDenied, CheckpointError, HubUnavailable, InputNotFound, WriteError
+from ..errors import AccessDenied, CheckpointError, HubUnavailable, InputNotFound, WriteError, first_line
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
 CONFIG_FILE = "config.json"
@@ -116,7 +116,7 @@ def fetch_model_files(repo_id: str, revision: str | None = None) -> HubFiles:
     shown = f"{repo_id}@{revision}" if revision else repo_id
     # A hub whose name does not resolve, or that refuses the connection, will not answer
     # huggingface_hub's retries either (about 24 s of them): go to the cache at once.
-    unreachable: BaseException | None = None if _offline() else _endpoint_down()
+    unreachable: BaseException | None = None if offline() else _endpoint_down()
     weights: Path | None = None
     for filename in WEIGHT_FILES:
         path, error = _download(repo_id, filename, revision, shown, cache_only=unreachable is not None)
@@ -126,7 +126,7 @@ def fetch_model_files(repo_id: str, revision: str | None = None) -> HubFiles:
         unreachable = unreachable or error
     if weights is None:
         if unreachable is not None:
-            raise _unavailable(shown, unreachable)
+            raise unavailable(shown, unreachable)
         raise CheckpointError(
             f"{shown}: the repo has neither {' nor '.join(WEIGHT_FILES)}",
             "is this a model repo with weights in one of those files? a local copy can be given as a file",
@@ -146,9 +146,9 @@ def _download(
     import huggingface_hub
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    E = _hub_errors()
+    E = hub_errors()
     try:
-        with _quiet_hub_logger():
+        with quiet_hub_logger():
             path = hf_hub_download(repo_id, filename, revision=revision, local_files_only=cache_only)
         return Path(path), None
     except E.LocalEntryNotFound as e:  # before EntryNotFound: in recent releases it subclasses it
@@ -177,41 +177,41 @@ def _download(
     except E.Disabled:
         raise AccessDenied(f"{shown}: access to this repo is disabled on the hub") from None
     except E.Validation as e:
-        raise InputNotFound(f"{shown}: not a valid hub repo id or revision ({_first_line(e)})") from None
+        raise InputNotFound(f"{shown}: not a valid hub repo id or revision ({first_line(e)})") from None
     except E.HTTP as e:
-        raise _from_http_error(shown, e) from None
+        raise from_http_error(shown, e) from None
     except E.Offline as e:
-        raise _unavailable(shown, e) from None
+        raise unavailable(shown, e) from None
     except E.Transport as e:
-        raise _unavailable(shown, e) from None
+        raise unavailable(shown, e) from None
     except OSError as e:
         if isinstance(e, PermissionError) or e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES):
             raise WriteError(
                 f"{shown}: cannot write to the hub cache ({e.strerror or e})",
                 f"free some space, or point HF_HUB_CACHE elsewhere (now {huggingface_hub.constants.HF_HUB_CACHE})",
             ) from None
-        raise HubUnavailable(f"{shown}: download of {filename} failed ({_first_line(e)})", "try again") from None
+        raise HubUnavailable(f"{shown}: download of {filename} failed ({first_line(e)})", "try again") from None
 
 
-def _unavailable(shown: str, error: BaseException) -> HubUnavailable:
+def unavailable(shown: str, error: BaseException) -> HubUnavailable:
     """The error for 'not cached, and the hub gave no answer' (offline, network, 5xx...)."""
-    E = _hub_errors()
-    if _offline() or isinstance(error, E.Offline):
+    E = hub_errors()
+    if offline() or isinstance(error, E.Offline):
         return HubUnavailable(f"{shown}: not in the cache while offline (HF_HUB_OFFLINE is set)", _OFFLINE_HINT)
     if isinstance(error, E.HTTP):
-        return _from_http_error(shown, error)
+        return from_http_error(shown, error)
     if isinstance(error, E.Metadata):
         return HubUnavailable(
-            f"{shown}: the hub endpoint's answer is not a Hugging Face hub's ({_first_line(error)})",
+            f"{shown}: the hub endpoint's answer is not a Hugging Face hub's ({first_line(error)})",
             "check HF_ENDPOINT and any proxy",
         )
     return HubUnavailable(
-        f"{shown}: hub unreachable ({_first_line(error) or type(error).__name__})",
+        f"{shown}: hub unreachable ({first_line(error) or type(error).__name__})",
         _UNREACHABLE_HINT,
     )
 
 
-def _from_http_error(shown: str, error: BaseException) -> HubUnavailable | AccessDenied | InputNotFound:
+def from_http_error(shown: str, error: BaseException) -> HubUnavailable | AccessDenied | InputNotFound:
     response = getattr(error, "response", None)
     status = getattr(response, "status_code", None)
     if status in (401, 403):
@@ -259,7 +259,7 @@ def _endpoint_down() -> ConnectionError | None:
 
 
 @contextmanager
-def _quiet_hub_logger() -> Iterator[None]:
+def quiet_hub_logger() -> Iterator[None]:
     """huggingface_hub's own warnings ("Retrying in 8s [Retry 4/5]") are not for our stderr:
     what went wrong reaches the user as one of our errors."""
     logger = logging.getLogger("huggingface_hub")
@@ -271,16 +271,11 @@ def _quiet_hub_logger() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _offline() -> bool:
+def offline() -> bool:
     from huggingface_hub import constants
 
     check = getattr(constants, "is_offline_mode", None)
     return bool(check() if check is not None else constants.HF_HUB_OFFLINE)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else ""
 
 
 class _HubErrors:
@@ -318,7 +313,7 @@ class _HubErrors:
 _ERRORS: _HubErrors | None = None
 
 
-def _hub_errors() -> _HubErrors:
+def hub_errors() -> _HubErrors:
     global _ERRORS
     if _ERRORS is None:
         _ERRORS = _HubErrors()

@@ -165,7 +165,7 @@ def convert(
             arch = write_hf(tmp, model, store)
         else:
             save_safetensors(tmp, canonical_tensors(model, store), deit_metadata(model))
-        diff, tol = _check_logits(model, str(tmp), store, tolerance)
+        diff, tol = check_logits(model, str(tmp), store, tolerance)
         if diff != diff:  # NaN: non-finite logits where the source's are finite (or the reverse)
             raise CheckpointError(
                 f"conversion check failed: the written weights give NaN or infinite logits where the "
@@ -192,7 +192,7 @@ def convert(
 
 
 @torch.inference_mode()
-def _check_logits(model: DeiT, written: str, store: torch.dtype, tolerance: float | None) -> tuple[float, float]:
+def check_logits(model: DeiT, written: str, store: torch.dtype, tolerance: float | None) -> tuple[float, float]:
     """Largest logit difference between the source model and what was written, on a fixed input."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, model.config.in_chans, model.config.image_size, model.config.image_size, generator=g)

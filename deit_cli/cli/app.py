@@ -12,7 +12,15 @@ import typer
 from typer.core import TyperGroup
 
 from .. import __version__
-from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, DeiTError, OutOfMemory, is_out_of_memory
+from ..errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    DeiTError,
+    OutOfMemory,
+    first_line,
+    is_out_of_memory,
+)
 from . import output
 
 # One module per command (cli/X.py); importing one must not import torch.
@@ -104,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             output.error(oom.one_line())
             return oom.exit_code
         output.error(
-            f"internal error: {type(e).__name__}: {_first_line(e)} (this is a bug in deit; "
+            f"internal error: {type(e).__name__}: {first_line(e, '(no message)')} (this is a bug in deit; "
             "set DEIT_DEBUG=1 to see the traceback and report it)"
         )
         rc = EXIT_INTERNAL
@@ -122,11 +130,6 @@ def _with_batch_hint(e: OutOfMemory) -> OutOfMemory:
     if e.hint is None:
         e.hint = f"the batch size was {size}; lower it with --batch-size" if size else "lower --batch-size"
     return e
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else "(no message)"
 
 
 def _is_usage_error(e: Exception) -> bool:

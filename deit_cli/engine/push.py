@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import AccessDenied, CheckpointError, DeiTError, HubUnavailable, UsageError
+from ..errors import AccessDenied, CheckpointError, DeiTError, HubUnavailable, UsageError, first_line
 from ..files import atomic_path, check_destination, write_error
 
 __all__ = ["FOLDER_FILES", "PushResult", "check_repo_id", "preprocessor_config", "push", "write_folder"]
@@ -137,14 +137,14 @@ def write_folder(model, folder: Path, *, repo_id: str, run=None, license: str = 
     (which exists), checked by reading it back. Returns (architecture, largest logit difference)."""
     import torch
 
-    from ..checkpoints.writing import _check_logits, write_hf
+    from ..checkpoints.writing import check_logits, write_hf
     from .card import model_card
 
     arch = write_hf(folder, model, torch.float32)
     (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(model), indent=2) + "\n")
     card = model_card(model, repo_id=repo_id, run=run, architecture=arch, license=license)
     (folder / "README.md").write_text(card, encoding="utf-8")
-    diff, tol = _check_logits(model, str(folder), torch.float32, None)
+    diff, tol = check_logits(model, str(folder), torch.float32, None)
     if not diff <= tol:  # NaN fails too
         raise CheckpointError(f"the written model's logits differ from the source's by {diff:.3g}; nothing pushed")
     return arch, diff
@@ -197,7 +197,7 @@ def _upload(result: PushResult, folder: Path, token: str, commit_message: str | 
     repo_id, revision = result.repo_id, result.revision
     message = commit_message or f"Upload {repo_id.split('/')[-1]} with deit push"
     try:
-        with hub._quiet_hub_logger():
+        with hub.quiet_hub_logger():
             url = api.create_repo(repo_id, private=result.private or None, exist_ok=True)
             if revision != "main":
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -219,7 +219,7 @@ def _hub_error(repo_id: str, error: BaseException) -> BaseException:
     """huggingface_hub's errors on the way up, as the project's (hub.py's mapping for downloads)."""
     from ..checkpoints import hub
 
-    E = hub._hub_errors()
+    E = hub.hub_errors()
     status = getattr(getattr(error, "response", None), "status_code", None)
     if isinstance(error, E.RepositoryNotFound) or status in (401, 403):
         return AccessDenied(
@@ -227,11 +227,11 @@ def _hub_error(repo_id: str, error: BaseException) -> BaseException:
             f"set HF_TOKEN to a token with write access to {repo_id}'s owner, or run `hf auth login`",
         )
     if isinstance(error, E.RevisionNotFound):
-        return UsageError(f"{repo_id}: {hub._first_line(error)}")
+        return UsageError(f"{repo_id}: {first_line(error)}")
     if isinstance(error, E.HTTP):
-        return hub._from_http_error(repo_id, error)
-    if isinstance(error, E.Offline) or hub._offline():
+        return hub.from_http_error(repo_id, error)
+    if isinstance(error, E.Offline) or hub.offline():
         return HubUnavailable(f"{repo_id}: cannot push while offline (HF_HUB_OFFLINE is set)", "unset HF_HUB_OFFLINE")
     if isinstance(error, (*E.Transport, ConnectionError, TimeoutError)):
-        return hub._unavailable(repo_id, error)
+        return hub.unavailable(repo_id, error)
     return error
