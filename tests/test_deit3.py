@@ -7,6 +7,7 @@ that dropped it, or added the position embedding to the class token, would be ca
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,20 @@ def test_model_equals_timm_and_training_forward_prefix_matches(small_ref):
         for block in model.blocks:
             block.ls1.gamma.fill_(1.0)
         assert max_diff(model(x), small_ref(x)) > 1e-2
+
+
+def test_a_distilled_deit3_embeds_and_runs_its_prefix_rows_alike():
+    # timm has no reference for this (its distilled model gives pos_embed prefix slots whatever
+    # no_embed_class says): the prefix tokens enter unembedded, the patches with pos_embed
+    cfg = DeiTConfig(image_size=64, embed_dim=64, depth=2, num_heads=2, num_classes=7, layer_scale_init=1e-6)
+    model = randomize(DeiT(replace(cfg, pos_embed_prefix=False)))
+    x = images(3, 64)
+    with torch.no_grad():
+        h = model.embed(x)
+        assert torch.equal(h[:, 0], model.cls_token[0].expand(3, -1))
+        assert torch.equal(h[:, 1], model.dist_token[0].expand(3, -1))
+        assert max_diff(h[:, 2:], model.patch_embed(x) + model.pos_embed) == 0
+        assert max_diff(model.blocks[0].forward_prefix(h, 2), model.blocks[0](h)[:, :2]) <= 1e-5
 
 
 @pytest.mark.parametrize("variant", DEIT3, ids=lambda v: v.name)
@@ -284,6 +299,16 @@ def test_any_timm_repo_reads_its_config_labels_and_preprocessing(fake_hub, littl
     x = images(2, 64)
     with torch.no_grad():
         assert max_diff(model(x), ref(x)) <= TOL
+
+
+def test_a_timm_repo_pooling_patches_is_refused(fake_hub, little, tmp_path):  # noqa: F811
+    ref, _, _ = little
+    d = _timm_repo(ref, tmp_path / "repo")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "global_pool": "avg"}))
+    fake_hub.serve_repos({"someone/deit3-avg": d})
+    with pytest.raises(deit_cli.errors.CheckpointError, match="global_pool 'avg'"):
+        deit_cli.load_model("someone/deit3-avg")
 
 
 # --------------------------------------------------------------------------- the fast runner

@@ -309,6 +309,9 @@ def config_hints_from_timm(cfg: dict) -> dict:
     the heads and LayerScale init of a released architecture, or the model_args timm was given."""
     from ..variants import find_variant
 
+    pool = cfg.get("global_pool", "token")
+    if pool not in ("token", None):  # "avg" pools the patch tokens through fc_norm: not a DeiT head
+        raise CheckpointError(f"config.json: timm global_pool {pool!r} is not supported (DeiT reads the class token)")
     hints = {}
     variant = find_variant(str(cfg.get("architecture", "")))
     if variant is not None:
