@@ -28,6 +28,8 @@ EXPORT_DTYPES = ("fp32", "fp16")
 DEFAULT_OPSET = 18
 # Precision names; float32/float16/bfloat16 (and float, half) are accepted as aliases.
 DTYPES = ("fp32", "bf16", "fp16")
+# DeiT III's LayerScale starts here: the release's models_v2 (init_scale=1e-4); timm's deit3_* say 1e-6.
+LAYER_SCALE_INIT = 1e-4
 DTYPE_ALIASES = {
     "float32": "fp32",
     "float": "fp32",
@@ -92,16 +94,30 @@ class DeiTConfig:
     num_classes: int = 1000  # 0 = headless: forward() returns pooled features
     layer_norm_eps: float = 1e-6  # timm and the original release; transformers' configs say 1e-12
     in_chans: int = 3
+    # DeiT III (models_v2.vit_models, timm's deit3_*): a learned per-channel scale on both residual
+    # branches of every block, initialised to this value (the release's 1e-4; timm's deit3_* say 1e-6);
+    # None: no LayerScale, as DeiT
+    layer_scale_init: float | None = None
+    # False (DeiT III): the position embedding covers the patch tokens only and is added before the
+    # class token is prepended (timm's no_embed_class=True); True: it covers the prefix tokens too
+    pos_embed_prefix: bool = True
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.layer_scale_init is not None and not self.layer_scale_init > 0:
+            raise ValueError(f"layer_scale_init must be positive (or None), not {self.layer_scale_init}")
 
     @property
     def num_prefix_tokens(self) -> int:
         return 2 if self.distilled else 1
+
+    @property
+    def num_pos_prefix_tokens(self) -> int:
+        """Prefix tokens that have a position embedding: all of them, or none (DeiT III)."""
+        return self.num_prefix_tokens if self.pos_embed_prefix else 0
 
     @property
     def grid_size(self) -> int:

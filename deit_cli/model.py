@@ -49,11 +49,15 @@ class Block(nn.Module):
         self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.qkv_bias)
         self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(cfg.embed_dim, cfg.mlp_dim)
+        # DeiT III's LayerScale on each residual branch; the identity (no parameters) for DeiT
+        init = cfg.layer_scale_init
+        self.ls1 = LayerScale(cfg.embed_dim, init) if init is not None else nn.Identity()
+        self.ls2 = LayerScale(cfg.embed_dim, init) if init is not None else nn.Identity()
         self.drop_path = 0.0  # stochastic depth, training only (DeiT.set_drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + _drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
-        return x + _drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        x = x + _drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path, self.training)
+        return x + _drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
 
     def forward_prefix(self, x: torch.Tensor, P: int) -> torch.Tensor:
         """`self(x)[:, :P]`, computing only what those rows need: the queries, projection
@@ -68,8 +72,20 @@ class Block(nn.Module):
         q = q.view(B, P, H, C // H).transpose(1, 2)  # (B, heads, P, head_dim)
         k, v = kv.view(B, N, 2, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, heads, N, head_dim)
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, P, C)  # (B, P, C)
-        y = x[:, :P] + _drop_path(self.attn.proj(a), self.drop_path, self.training)
-        return y + _drop_path(self.mlp(self.norm2(y)), self.drop_path, self.training)
+        y = x[:, :P] + _drop_path(self.ls1(self.attn.proj(a)), self.drop_path, self.training)
+        return y + _drop_path(self.ls2(self.mlp(self.norm2(y))), self.drop_path, self.training)
+
+
+class LayerScale(nn.Module):
+    """A learned per-channel scale of a residual branch (Touvron et al., CaiT 2021; DeiT III).
+    Named `gamma` as timm's `ls1.gamma` / `ls2.gamma`."""
+
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
 
 
 def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -100,7 +116,8 @@ class DeiT(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.distilled else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_prefix_tokens + cfg.num_patches, d))
+        # (1, prefix + patches, D); DeiT III (pos_embed_prefix False): (1, patches, D)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_pos_prefix_tokens + cfg.num_patches, d))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.head = nn.Linear(d, cfg.num_classes) if cfg.num_classes > 0 else None
@@ -137,6 +154,8 @@ class DeiT(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+            elif isinstance(m, LayerScale):  # DeiT III: every gamma at config.layer_scale_init
+                m.gamma.fill_(self.config.layer_scale_init)
             elif isinstance(m, nn.Conv2d):
                 # nn.Conv2d.reset_parameters with our generator: kaiming_uniform(a=sqrt(5)) is
                 # U(+-1/sqrt(fan_in)), and the bias takes the same bound
@@ -159,6 +178,8 @@ class DeiT(nn.Module):
         prefix = [self.cls_token.expand(B, -1, -1)]
         if self.dist_token is not None:
             prefix.append(self.dist_token.expand(B, -1, -1))
+        if not self.config.pos_embed_prefix:  # DeiT III: the patches only, before the prefix joins
+            return torch.cat([*prefix, x + self.pos_embed], dim=1)  # (B, prefix + patches, D)
         return torch.cat([*prefix, x], dim=1) + self.pos_embed  # (B, prefix + patches, D)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -215,7 +236,8 @@ def _trunc_normal(shape, std: float, generator) -> torch.Tensor:
 
 def resample_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens: int) -> torch.Tensor:
     """Resample (1, prefix + g*g, D) position embeddings to a new grid: bicubic with
-    antialiasing on the patch part, prefix (class/distillation) tokens kept, as timm does."""
+    antialiasing on the patch part, prefix (class/distillation) tokens kept, as timm does.
+    `num_prefix_tokens` counts the prefix rows of `pos_embed` (0 for DeiT III's)."""
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     old = math.isqrt(grid.shape[1])
     if old * old != grid.shape[1]:

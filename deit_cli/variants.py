@@ -1,5 +1,5 @@
-"""The released DeiT models as data: architecture numbers, where the weights live,
-the evaluation transform they were published with, and their published accuracy.
+"""The released DeiT and DeiT III models as data: architecture numbers, where the weights
+live, the evaluation transform they were published with, and their published accuracy.
 
 No torch here, so `deit models` and completion stay fast.
 """
@@ -8,11 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import DeiTConfig
+from .config import LAYER_SCALE_INIT, DeiTConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_CROP_PCT = 0.875  # the original release: shorter side to int(size / 0.875), then crop
+# DeiT III is evaluated uncropped: every command of the release's README_revenge.md passes
+# `--eval-crop-ratio 1.0`, which is how its published top-1 were measured. timm's pretrained_cfg
+# says 0.9 for the ImageNet-1k weights at 224 (1.0 for the others); the release's numbers win here.
+DEIT3_CROP_PCT = 1.0
+DEIT3_CROP_SOURCE = "crop 1.0: README_revenge.md's --eval-crop-ratio 1.0 (timm's cfg: 0.9 for in1k at 224)"
 
 
 @dataclass(frozen=True)
@@ -47,9 +52,11 @@ class Variant:
     params_m: float  # published parameter count, millions
     gmacs: float  # published "GFLOPs" (multiply-accumulates), per image
     top1: float  # published ImageNet-1k top-1 / top-5, percent
-    top5: float
+    top5: float | None  # None: not published (DeiT III's README gives top-1 only)
     aliases: tuple[str, ...] = ()
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    family: str = "DeiT"  # "DeiT" or "DeiT III"
+    pretrain: str = "in1k"  # the weights: "in1k", or "in22k-ft-in1k" (ImageNet-21k, fine-tuned on 1k)
 
     @property
     def image_size(self) -> int:
@@ -77,7 +84,46 @@ def _v(name, repo, dim, heads, distilled, size, params, gmacs, top1, top5, alias
     )
 
 
+def _v3(name, size, patch, dim, depth, heads, params, gmacs, top1_1k, top1_21k, alias):
+    """Both weight sets of a DeiT III architecture: ImageNet-1k (timm's default tag, so the bare
+    timm name is its) and ImageNet-21k fine-tuned on 1k."""
+    config = DeiTConfig(
+        image_size=size,
+        patch_size=patch,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        distilled=False,
+        num_classes=1000,
+        layer_scale_init=LAYER_SCALE_INIT,
+        pos_embed_prefix=False,
+    )
+    pre = Preprocessing(image_size=size, crop_pct=DEIT3_CROP_PCT)
+    common = dict(config=config, params_m=params, gmacs=gmacs, top5=None, preprocessing=pre, family="DeiT III")
+    return (
+        Variant(
+            name=name,
+            hub_repo=f"timm/{name}.fb_in1k",
+            top1=top1_1k,
+            aliases=(f"{name}.fb_in1k", alias),
+            pretrain="in1k",
+            **common,
+        ),
+        Variant(
+            name=f"{name}.fb_in22k_ft_in1k",
+            hub_repo=f"timm/{name}.fb_in22k_ft_in1k",
+            top1=top1_21k,
+            # timm's deprecated name for the same weights, then ours
+            aliases=(f"{name}_in21ft1k", f"{alias}-21k"),
+            pretrain="in22k-ft-in1k",
+            **common,
+        ),
+    )
+
+
 # Published numbers: the DeiT paper / model cards (accuracy); mmpretrain's table (params, MACs).
+# DeiT III: the release's README_revenge.md (facebookresearch/deit), both tables ("ImageNet-1k
+# pre-training", "ImageNet-21k pre-training": #params, GFLOPs, acc@1 on ImageNet-1k); no top-5 there.
 VARIANTS: tuple[Variant, ...] = (
     _v("deit_tiny_patch16_224", "facebook/deit-tiny-patch16-224", 192, 3, False, 224,
        5.72, 1.26, 72.2, 91.1, ("deit-tiny",)),
@@ -95,6 +141,15 @@ VARIANTS: tuple[Variant, ...] = (
        86.86, 55.54, 82.9, 96.2, ("deit-base-384",)),
     _v("deit_base_distilled_patch16_384", "facebook/deit-base-distilled-patch16-384", 768, 12,
        True, 384, 87.63, 55.65, 85.2, 97.2, ("deit-base-distilled-384",)),
+    #    timm name                  size patch  dim depth heads params  GFLOPs 1k    21k   alias
+    *_v3("deit3_small_patch16_224",  224, 16,  384, 12,  6,    22.0,   4.6,  81.4, 83.1, "deit3-small"),
+    *_v3("deit3_small_patch16_384",  384, 16,  384, 12,  6,    22.0,  15.5,  83.4, 84.8, "deit3-small-384"),
+    *_v3("deit3_medium_patch16_224", 224, 16,  512, 12,  8,    38.8,   8.0,  83.0, 84.5, "deit3-medium"),
+    *_v3("deit3_base_patch16_224",   224, 16,  768, 12, 12,    86.6,  17.5,  83.8, 85.7, "deit3-base"),
+    *_v3("deit3_base_patch16_384",   384, 16,  768, 12, 12,    86.9,  55.5,  85.0, 86.7, "deit3-base-384"),
+    *_v3("deit3_large_patch16_224",  224, 16, 1024, 24, 16,   304.4,  61.6,  84.9, 87.0, "deit3-large"),
+    *_v3("deit3_large_patch16_384",  384, 16, 1024, 24, 16,   304.8, 191.2,  85.8, 87.7, "deit3-large-384"),
+    *_v3("deit3_huge_patch14_224",   224, 14, 1280, 32, 16,   632.1, 167.4,  85.2, 87.2, "deit3-huge"),
 )  # fmt: skip
 
 DEFAULT_MODEL = "facebook/deit-tiny-distilled-patch16-224"
@@ -117,20 +172,14 @@ def find_variant(name: str) -> Variant | None:
 
 
 def variant_for_config(config: DeiTConfig) -> Variant | None:
-    """The released variant with this architecture (whatever its head), if there is one."""
-    for v in VARIANTS:
-        c = v.config
-        if (c.embed_dim, c.depth, c.num_heads, c.distilled, c.image_size, c.patch_size, c.mlp_ratio) == (
-            config.embed_dim,
-            config.depth,
-            config.num_heads,
-            config.distilled,
-            config.image_size,
-            config.patch_size,
-            config.mlp_ratio,
-        ):
-            return v
-    return None
+    """The released variant with this architecture (whatever its head), if there is one; for
+    DeiT III, whose two weight sets share one, the ImageNet-1k one."""
+
+    def key(c: DeiTConfig) -> tuple:
+        arch = (c.embed_dim, c.depth, c.num_heads, c.distilled, c.image_size, c.patch_size, c.mlp_ratio)
+        return (*arch, c.layer_scale_init is not None, c.pos_embed_prefix)
+
+    return next((v for v in VARIANTS if key(v.config) == key(config)), None)
 
 
 def all_names() -> list[str]:

@@ -16,7 +16,8 @@ from references import TOL, hf_reference, max_diff, timm_model
 import deit_cli
 from deit_cli.variants import VARIANTS
 
-NAMES = [v.name for v in VARIANTS]
+# DeiT III (LayerScale; transformers has no class for it) is proved in test_deit3.py
+NAMES = [v.name for v in VARIANTS if v.family == "DeiT"]
 
 
 @pytest.mark.parametrize("name", NAMES)

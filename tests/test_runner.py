@@ -39,6 +39,9 @@ ARCHS = {
     "plain": dict(distilled=False),
     "distilled-no-dist-head": dict(dist_head=False),
     "headless": dict(num_classes=0),
+    # DeiT III: LayerScale (randomize moves it far from its init) and a patch-only position embedding
+    "deit3": dict(distilled=False, layer_scale_init=1e-4, pos_embed_prefix=False),
+    "deit3-distilled": dict(layer_scale_init=1e-4, pos_embed_prefix=False),
 }
 
 

@@ -6,14 +6,17 @@ proved in the tests by comparing logits with the implementation that wrote the l
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
 
-from ..errors import CheckpointError
+from ..config import LAYER_SCALE_INIT
+from ..errors import CheckpointError, UsageError
 from ..model import DeiTConfig
 
 CANONICAL = "timm"
+DEIT3_RELEASE = "deit3-release"  # the DeiT III release's checkpoints: `gamma_1`/`gamma_2`, else timm's keys
 HF_DEIT = "transformers-deit"
 HF_VIT = "transformers-vit"
 MMPRETRAIN = "mmpretrain"
@@ -40,10 +43,14 @@ def strip_wrappers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+# The DeiT III release's LayerScale (models_v2.Layer_scale_init_Block) -> timm's, the canonical name.
+_RELEASE_GAMMA = re.compile(r"^blocks\.(\d+)\.gamma_([12])$")
+
+
 def detect_layout(sd: dict[str, torch.Tensor]) -> str:
     keys = set(sd)
     if "patch_embed.proj.weight" in keys:
-        return CANONICAL
+        return DEIT3_RELEASE if any(_RELEASE_GAMMA.match(k) for k in keys) else CANONICAL
     if "backbone.patch_embed.projection.weight" in keys:
         return MMPRETRAIN
     for prefix in ("deit.", "vit.", ""):
@@ -66,6 +73,8 @@ def to_canonical(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     layout = detect_layout(sd)
     if layout == CANONICAL:
         return dict(sd), layout
+    if layout == DEIT3_RELEASE:
+        return {_RELEASE_GAMMA.sub(r"blocks.\1.ls\2.gamma", k): v for k, v in sd.items()}, layout
     if layout == MMPRETRAIN:
         return _from_mmpretrain(sd), layout
     return _from_hf(sd), layout
@@ -91,6 +100,8 @@ _MM_RULES = [
         (r"^backbone\.layers\.(\d+)\.ln1\.", r"blocks.\1.norm1."),
         (r"^backbone\.layers\.(\d+)\.ln2\.", r"blocks.\1.norm2."),
         (r"^backbone\.layers\.(\d+)\.attn\.(qkv|proj)\.", r"blocks.\1.attn.\2."),
+        (r"^backbone\.layers\.(\d+)\.attn\.gamma1\.weight$", r"blocks.\1.ls1.gamma"),  # DeiT3's LayerScale
+        (r"^backbone\.layers\.(\d+)\.ffn\.gamma2\.weight$", r"blocks.\1.ls2.gamma"),
         (r"^backbone\.layers\.(\d+)\.ffn\.layers\.0\.0\.", r"blocks.\1.mlp.fc1."),
         (r"^backbone\.layers\.(\d+)\.ffn\.layers\.1\.", r"blocks.\1.mlp.fc2."),
         (r"^backbone\.ln1\.", "norm."),
@@ -162,8 +173,19 @@ def _from_hf(sd):
     return out
 
 
+def check_hf_can_hold(config: DeiTConfig) -> None:
+    """transformers has no class with LayerScale or a patch-only position embedding (DeiT III):
+    UsageError naming the layouts that can hold such a model."""
+    if config.layer_scale_init is not None or not config.pos_embed_prefix:
+        raise UsageError(
+            "transformers has no class for DeiT III (LayerScale, patch-only position embedding); "
+            "use --to deit or --to timm (timm's deit3_* layout)"
+        )
+
+
 def to_hf(sd: dict[str, torch.Tensor], config: DeiTConfig) -> dict[str, torch.Tensor]:
     """Canonical -> the transformers layout that `hf_architecture` names."""
+    check_hf_can_hold(config)
     base = "deit" if config.distilled else "vit"
     headless = config.num_classes == 0
     prefix = "" if headless else f"{base}."
@@ -209,6 +231,7 @@ def to_hf(sd: dict[str, torch.Tensor], config: DeiTConfig) -> dict[str, torch.Te
 
 def hf_architecture(config: DeiTConfig) -> tuple[str, str]:
     """(model_type, architecture class) for a config in transformers."""
+    check_hf_can_hold(config)
     if config.distilled:
         if config.num_classes == 0:
             return "deit", "DeiTModel"
@@ -229,8 +252,11 @@ def infer_config(sd: dict[str, torch.Tensor], hints: dict | None = None) -> DeiT
         raise CheckpointError(f"patch_embed.proj.weight has shape {tuple(proj.shape)}, expected ({d}, C, P, P)")
     distilled = "dist_token" in sd
     prefix = 2 if distilled else 1
-    n = sd["pos_embed"].shape[1] - prefix
-    grid = int(round(n**0.5))
+    rows = sd["pos_embed"].shape[1]
+    # A slot per prefix token (DeiT), or none (DeiT III): two squares never differ by 1 or 2 (but 0 and 1)
+    pos_embed_prefix = _is_square(rows - prefix) or not _is_square(rows)
+    n = rows - prefix if pos_embed_prefix else rows
+    grid = math.isqrt(max(n, 0))
     if grid * grid != n or n <= 0:
         raise CheckpointError(f"pos_embed has shape {tuple(sd['pos_embed'].shape)}: not a square grid of patches")
     depth = len({int(m.group(1)) for k in sd if (m := re.match(r"^blocks\.(\d+)\.", k))})
@@ -248,12 +274,19 @@ def infer_config(sd: dict[str, torch.Tensor], hints: dict | None = None) -> DeiT
         distilled=distilled,
         dist_head="head_dist.weight" in sd if distilled else True,
         num_classes=head.shape[0] if head is not None else 0,
+        pos_embed_prefix=pos_embed_prefix,
+        # the value only matters to training from here; the release's (timm's deit3_* say 1e-6)
+        layer_scale_init=LAYER_SCALE_INIT if "blocks.0.ls1.gamma" in sd else None,
     )
     cfg.update({k: v for k, v in hints.items() if v is not None})
     try:
         return DeiTConfig(**cfg)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"inconsistent model config: {e}") from None
+
+
+def _is_square(n: int) -> bool:
+    return n > 0 and math.isqrt(n) ** 2 == n
 
 
 def config_hints_from_hf(cfg: dict) -> dict:
@@ -269,6 +302,38 @@ def config_hints_from_hf(cfg: dict) -> dict:
     if act != "gelu":
         raise CheckpointError(f"config.json: hidden_act {act!r} is not supported (DeiT uses exact gelu)")
     return hints
+
+
+def config_hints_from_timm(cfg: dict) -> dict:
+    """What a timm hub config.json (`architecture`, `model_args`) says that tensor shapes cannot:
+    the heads and LayerScale init of a released architecture, or the model_args timm was given."""
+    from ..variants import find_variant
+
+    pool = cfg.get("global_pool", "token")
+    if pool not in ("token", None):  # "avg" pools the patch tokens through fc_norm: not a DeiT head
+        raise CheckpointError(f"config.json: timm global_pool {pool!r} is not supported (DeiT reads the class token)")
+    hints = {}
+    variant = find_variant(str(cfg.get("architecture", "")))
+    if variant is not None:
+        c = variant.config
+        hints.update(num_heads=c.num_heads, layer_norm_eps=c.layer_norm_eps)
+        if c.layer_scale_init is not None:
+            hints["layer_scale_init"] = c.layer_scale_init
+    args = cfg.get("model_args")
+    if isinstance(args, dict):
+        if isinstance(args.get("num_heads"), int):
+            hints["num_heads"] = args["num_heads"]
+        if isinstance(args.get("qkv_bias"), bool):
+            hints["qkv_bias"] = args["qkv_bias"]
+    return hints
+
+
+def timm_labels(cfg: dict, num_classes: int) -> list[str] | None:
+    """The class names of a timm hub config.json (`label_names`), when there is one per class."""
+    names = cfg.get("label_names")
+    if isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names):
+        return list(names)
+    return None
 
 
 def hf_labels(cfg: dict, num_classes: int) -> list[str] | None:

@@ -47,6 +47,7 @@ class Checkpoint:
     origin: str = ""  # where the weights first came from (recorded by `deit convert`), else `source`
     multi_label: bool = False  # sigmoid scores, any number of labels per image
     threshold: float = DEFAULT_THRESHOLD  # multi-label: the score at or above which a label is predicted
+    preprocessing: Preprocessing | None = None  # a timm config.json's pretrained_cfg (a named variant's wins)
 
 
 def resolve_source(source: str) -> tuple[Path, Path | None, Variant | None]:
@@ -106,6 +107,7 @@ def read_checkpoint(source: str = DEFAULT_MODEL) -> Checkpoint:
     hf_cfg = _read_json(config_path) if config_path else {}
     if hf_cfg and hf_cfg.get("model_type") not in (None, "deit", "vit"):
         raise CheckpointError(f"{config_path}: model_type {hf_cfg.get('model_type')!r} is not a DeiT or ViT")
+    timm_cfg = hf_cfg if isinstance(hf_cfg.get("architecture"), str) else {}  # timm's hub config.json
     if META_CONFIG in metadata:
         try:
             config = DeiTConfig.from_dict(json.loads(metadata[META_CONFIG]))
@@ -113,7 +115,7 @@ def read_checkpoint(source: str = DEFAULT_MODEL) -> Checkpoint:
             raise CheckpointError(f"{weights}: bad deit.config metadata ({e})") from None
     else:
         try:
-            hints = layouts.config_hints_from_hf(hf_cfg)
+            hints = layouts.config_hints_from_timm(timm_cfg) if timm_cfg else layouts.config_hints_from_hf(hf_cfg)
             config = layouts.infer_config(sd, hints)
         except CheckpointError as e:
             raise CheckpointError(f"{weights}: {e.message}", e.hint) from None
@@ -121,13 +123,41 @@ def read_checkpoint(source: str = DEFAULT_MODEL) -> Checkpoint:
     labels = None
     if META_LABELS in metadata:
         labels = json.loads(metadata[META_LABELS])
-    labels = labels or layouts.hf_labels(hf_cfg, config.num_classes) or default_labels(config.num_classes)
+    labels = (
+        labels
+        or (layouts.timm_labels(timm_cfg, config.num_classes) if timm_cfg else None)
+        or layouts.hf_labels(hf_cfg, config.num_classes)
+        or default_labels(config.num_classes)
+    )
     if len(labels) != config.num_classes:
         raise CheckpointError(f"{weights}: {len(labels)} labels for {config.num_classes} classes")
+    preprocessing = None if variant else _timm_preprocessing(timm_cfg, config_path)
     variant = variant or variant_for_config(config)
     origin = metadata.get(META_SOURCE) or source
     multi_label, threshold = _multi_label(metadata, hf_cfg, weights)
-    return Checkpoint(sd, config, labels, layout, source, weights, variant, origin, multi_label, threshold)
+    return Checkpoint(
+        sd, config, labels, layout, source, weights, variant, origin, multi_label, threshold, preprocessing
+    )
+
+
+def _timm_preprocessing(cfg: dict, path: Path | None) -> Preprocessing | None:
+    """The evaluation transform a timm config.json's pretrained_cfg states, if it states one."""
+    pre = cfg.get("pretrained_cfg")
+    if not isinstance(pre, dict) or not pre.get("input_size"):
+        return None
+    try:
+        default = Preprocessing()
+        mode = pre.get("crop_mode", "center")
+        return Preprocessing(
+            image_size=int(pre["input_size"][-1]),
+            crop_pct=float(pre.get("crop_pct") or default.crop_pct),
+            interpolation=str(pre.get("interpolation") or default.interpolation),
+            mean=tuple(float(v) for v in pre.get("mean", default.mean)),
+            std=tuple(float(v) for v in pre.get("std", default.std)),
+            resize_mode="squash" if mode == "squash" else "shorter",  # timm's "center" is our "shorter"
+        )
+    except (TypeError, ValueError, IndexError, KeyError) as e:
+        raise CheckpointError(f"{path}: unreadable pretrained_cfg ({e})") from None
 
 
 def _multi_label(metadata: dict[str, str], hf_cfg: dict, weights: Path) -> tuple[bool, float]:
@@ -153,7 +183,7 @@ def build_model(ckpt: Checkpoint, *, image_size: int | None = None) -> DeiT:
             raise UsageError(f"image size {image_size} is not a multiple of the patch size {config.patch_size}")
         config = replace(config, image_size=image_size)
         if "pos_embed" in sd:
-            sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], config.grid_size, config.num_prefix_tokens)
+            sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], config.grid_size, config.num_pos_prefix_tokens)
     with torch.device("meta"):
         model = DeiT(config)
     check_state_dict(model, sd, ckpt.path)
@@ -163,7 +193,8 @@ def build_model(ckpt: Checkpoint, *, image_size: int | None = None) -> DeiT:
     model.load_state_dict({k: v.float() if v.dtype != torch.float32 else v for k, v in sd.items()}, assign=True)
     model.eval().requires_grad_(False)
     model.labels = list(ckpt.labels)
-    pre = ckpt.variant.preprocessing if ckpt.variant else Preprocessing(image_size=config.image_size)
+    pre = ckpt.preprocessing or (ckpt.variant.preprocessing if ckpt.variant else None)
+    pre = pre or Preprocessing(image_size=config.image_size)
     model.preprocessing = replace(pre, image_size=config.image_size) if pre.image_size != config.image_size else pre
     model.source = ckpt.source
     model.origin = ckpt.origin or ckpt.source

@@ -159,6 +159,8 @@ def convert(
     timm_name = model.variant.name if model.variant else None
     if to == "timm" and model.config.distilled and not model.config.has_dist_head and model.config.num_classes:
         raise UsageError("timm has no distilled model with only a class head; use --to deit or --to hf")
+    if to == "hf":
+        layouts.check_hf_can_hold(model.config)  # DeiT III: refused before anything is written
     arch = None
     with atomic_path(dst, directory=(to == "hf")) as tmp:
         if to == "hf":

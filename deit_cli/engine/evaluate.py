@@ -196,7 +196,8 @@ def summary(
         **metrics.to_dict(model.labels, classes=lset.classes, per_class=per_class, confused=confused),
     }
     if model.variant is not None:
-        out["published"] = {"variant": model.variant.name, "top1": model.variant.top1, "top5": model.variant.top5}
+        published = {"variant": model.variant.name, "top1": model.variant.top1, "top5": model.variant.top5}
+        out["published"] = {k: v for k, v in published.items() if v is not None}  # DeiT III: no top-5
     if predictions is not None:
         out["predictions"] = os.fspath(predictions)
     return out

@@ -55,6 +55,11 @@ def build_peer(name: str, model: DeiT) -> torch.nn.Module:
             num_classes=cfg.num_classes,
             norm_layer=partial(torch.nn.LayerNorm, eps=cfg.layer_norm_eps),
         )
+        if cfg.distilled and not cfg.pos_embed_prefix:  # its distilled class keeps prefix slots in pos_embed
+            raise UsageError("timm has no distilled model with a patch-only position embedding")
+        if cfg.layer_scale_init is not None or not cfg.pos_embed_prefix:
+            # DeiT III, as timm's deit3_* builds it (its state dict keys are our canonical ones)
+            kw.update(init_values=cfg.layer_scale_init, no_embed_class=not cfg.pos_embed_prefix)
         net = VisionTransformerDistilled(**kw) if cfg.distilled else VisionTransformer(**kw, global_pool="token")
         net.load_state_dict(sd, strict=True)
         if cfg.distilled:

@@ -10,7 +10,9 @@ tests/test_accel.py):
 - Everywhere: weights are cast once (no autocast re-casting every matmul), and the
   logits path runs the last block on the class/distillation tokens only: the head
   reads nothing else, so the other 196 rows of that block's queries, projection and
-  MLP are never computed (exact, about 7% of the work).
+  MLP are never computed (exact, about 7% of the work). DeiT III's LayerScale is folded
+  into the projection and fc2 weights it scales (gamma * (a W^T + b) = a (gamma W)^T + gamma b),
+  so it costs nothing at run time.
 - CPU with oneDNN: weights packed once into oneDNN's blocked layout; the bias, the
   GELU and the residual add are fused into the matmuls (one pass over the activations
   instead of three). bf16 runs on AMX/AVX512-BF16. glibc is told to keep freed
@@ -193,10 +195,11 @@ class FastDeiT(nn.Module):
         proj = model.patch_embed.proj
         self.register_buffer("patch_w", cast.weight(proj.weight.reshape(proj.weight.shape[0], -1)), persistent=False)
         self.register_buffer("patch_b", cast(proj.bias), persistent=False)
-        P = self.num_prefix
+        P = cfg.num_pos_prefix_tokens  # rows of pos_embed for the prefix: all of them, or none (DeiT III)
         prefix = torch.cat([model.cls_token] + ([model.dist_token] if model.dist_token is not None else []), dim=1)
         pos = cast(model.pos_embed)
-        self.register_buffer("prefix_pos", cast(prefix) + pos[:, :P], persistent=False)  # (1, prefix, D)
+        prefix_pos = cast(prefix) + pos[:, :P] if P else cast(prefix)
+        self.register_buffer("prefix_pos", prefix_pos, persistent=False)  # (1, prefix, D)
         self.register_buffer("patch_pos", pos[:, P:], persistent=False)  # (1, patches, D)
         self.blocks = nn.ModuleList(_FastBlock(b, cfg, cast) for b in model.blocks)
         self.last = _LastBlockPrefix(self.blocks[-1], model.blocks[-1], cfg, cast)
@@ -308,14 +311,15 @@ class _FastBlock(nn.Module):
         super().__init__()
         self.ops, self.num_heads = cast.ops, cfg.num_heads
         self.norm1, self.norm2 = _Norm(block.norm1, cast), _Norm(block.norm2, cast)
-        for name, lin in (
-            ("qkv", block.attn.qkv),
-            ("proj", block.attn.proj),
-            ("fc1", block.mlp.fc1),
-            ("fc2", block.mlp.fc2),
+        for name, lin, ls in (
+            ("qkv", block.attn.qkv, None),
+            ("proj", block.attn.proj, block.ls1),
+            ("fc1", block.mlp.fc1, None),
+            ("fc2", block.mlp.fc2, block.ls2),
         ):
-            self.register_buffer(f"{name}_w", cast.weight(lin.weight), persistent=False)
-            self.register_buffer(f"{name}_b", cast(lin.bias), persistent=False)
+            w, b = _scaled(lin, ls)
+            self.register_buffer(f"{name}_w", cast.weight(w), persistent=False)
+            self.register_buffer(f"{name}_b", cast(b), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
@@ -325,6 +329,18 @@ class _FastBlock(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, head_dim)
         x = o.mm_add(a.transpose(1, 2).reshape(B, N, C), self.proj_w, self.proj_b, x)
         return o.mm_add(o.mm_gelu(self.norm2(x), self.fc1_w, self.fc1_b), self.fc2_w, self.fc2_b, x)
+
+
+def _scaled(lin: nn.Linear, ls: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A Linear's (weight, bias), with the LayerScale that follows it folded in (in fp32, before
+    any cast): gamma * (x W^T + b) = x (gamma[:, None] * W)^T + gamma * b."""
+    gamma = getattr(ls, "gamma", None)
+    if gamma is None:  # no LayerScale (nn.Identity): the tensors as they are, shared
+        return lin.weight, lin.bias
+    g = gamma.detach().float()
+    w = lin.weight.detach().float() * g[:, None]
+    b = lin.bias.detach().float() * g if lin.bias is not None else None
+    return w, b
 
 
 class _LastBlockPrefix(nn.Module):
