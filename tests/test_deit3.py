@@ -437,3 +437,28 @@ def test_export_onnx_runs_in_onnxruntime_as_timm(run_cli, little, tmp_path):
     sess = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         assert max_diff(torch.from_numpy(sess.run(None, {"pixel_values": x.numpy()})[0]), ref(x)) <= 2e-4
+
+
+def test_explain_gives_timms_attention_and_tokens(run_cpu, little, pictures, tmp_path):
+    """explain's own forward (explicit attention, LayerScale on both branches) equals timm's
+    deit3 attention probabilities and tokens, block for block; the command maps the class token."""
+    from deit_cli.engine.explain import attention_probabilities
+
+    ref, _, labelled = little
+    model = deit_cli.load_model(str(labelled))
+    x = reference_batch(model, pictures[:2])
+    theirs = []
+    for block in ref.blocks:
+        block.attn.fused_attn = False  # timm's explicit path: softmax, then attn_drop (identity here)
+        block.attn.attn_drop.register_forward_hook(lambda m, args, out: theirs.append(args[0].detach()))
+    with torch.no_grad():
+        want_tokens = ref.forward_features(x)
+    tokens, ours = attention_probabilities(model, x)
+    assert len(ours) == len(theirs) == len(ref.blocks)
+    for a, b in zip(ours, theirs):
+        assert (a - b).abs().max() < 1e-5
+    assert (tokens - want_tokens).abs().max() < 1e-4
+    rc, out, err = run_cpu("explain", pictures[0], "-m", labelled, "-o", tmp_path / "maps", "-F", "jsonl", "--raw")
+    assert rc == 0, err
+    (record,) = [json.loads(line) for line in out.splitlines()]
+    assert record["tokens"] == ["cls"] and (tmp_path / "maps").is_dir()

@@ -107,8 +107,8 @@ def forward_with_attention(
     for i, block in enumerate(model.blocks):
         a, probs = _attend(block.attn, block.norm1(x))
         on_attention(i, probs)
-        x = x + a
-        x = x + block.mlp(block.norm2(x))
+        x = x + block.ls1(a)  # LayerScale (DeiT III); the identity for DeiT
+        x = x + block.ls2(block.mlp(block.norm2(x)))
     return model.norm(x)
 
 
