@@ -8,7 +8,7 @@ deit-tiny-distilled elsewhere) with hard distillation from the same deit teacher
 weights), on the same batch, in the same dtype (bf16 autocast on CUDA and where the CPU has
 native bf16, fp32 otherwise; --dtype to choose):
 
-- deit: `deit_cli.engine.train.loop.Stepper.step`, what `deit train` runs each step
+- deit: `deit_cli.engine.train.step.Stepper.step`, what `deit train` runs each step
   (our DeiT through TrainingHeads; the teacher on the inference engine's fast path, as
   `--teacher` with a deit source runs it; DistillationLoss; fused AdamW with the release's
   decay groups; zero_grad(set_to_none=True)), reading the loss every 20 steps on CUDA as
@@ -36,7 +36,7 @@ import torch
 def deit_step_fn(student_name, teacher_name, student_sd, teacher_sd, amp_dtype, device):
     from deit_cli.engine.runner import prepare
     from deit_cli.engine.train.augment import Mixup
-    from deit_cli.engine.train.loop import Stepper
+    from deit_cli.engine.train.step import Stepper
     from deit_cli.engine.train.losses import DistillationLoss, base_loss
     from deit_cli.engine.train.optim import build_optimizer
     from deit_cli.engine.train.recipes import PLAIN

@@ -12,7 +12,9 @@
     run_dir.py   the run directory: checkpoints, saved models, metrics.jsonl
     report.py    --report-to tensorboard: the curves, appended exactly on resume
     loader.py    TrainLoader: decoding and augmentation in worker processes or threads
-    loop.py      train(): the loop alone, Stepper (one optimizer step), Stop (signals)
+    step.py      Stepper: one optimizer step, and the one exchange per step all ranks agree on
+    stop.py      Stop: Ctrl-C and SIGTERM stop the run at a step boundary
+    loop.py      train(): the set-up and the loop alone
 
 Nothing here prints or parses flags. `from deit_cli.engine.train.loop import train`.
 """

@@ -20,13 +20,9 @@ prints: what the CLI shows comes through the `Events` callbacks.
 from __future__ import annotations
 
 import math
-import signal
-import threading
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -44,8 +40,6 @@ from .optim import ModelEma, build_optimizer, ema_note, lr_at
 from .options import (
     Events,
     TrainingDiverged,
-    TrainingInterrupted,
-    TrainingTerminated,
     TrainOptions,
     check_options,
     distillation_kind,
@@ -63,6 +57,8 @@ from .run_dir import (
     write_checkpoint,
     write_metrics,
 )
+from .step import Stepper
+from .stop import Stop
 from .student import TrainingHeads, build_student
 from .teacher import Teacher, load_teacher
 from .validate import validate
@@ -401,53 +397,6 @@ def _validation(run: Run, device: torch.device, amp_dtype) -> dict:
     return record
 
 
-# --------------------------------------------------------------------------- stopping
-
-
-class Stop:
-    """Ctrl-C (SIGINT) or SIGTERM asks the run to stop at the next step boundary, with a
-    checkpoint; a second signal interrupts at once. Only the main thread can install the
-    handlers; elsewhere the flag is inert. Under torchrun the request travels in the
-    per-step reduction, so every rank stops at the same step."""
-
-    def __init__(self):
-        self.interrupt = self.terminate = False
-
-    @property
-    def requested(self) -> bool:
-        return self.interrupt or self.terminate
-
-    def error(self, interrupt: float, terminate: float):
-        """The exception for requests seen by any rank (counts), or None."""
-        return TrainingTerminated if terminate else TrainingInterrupted if interrupt else None
-
-    def agreed(self):
-        """The exception to stop with, agreed by every rank, or None (a collective)."""
-        i, t = distributed.sum_across([float(self.interrupt), float(self.terminate)])
-        return self.error(i, t)
-
-    @contextmanager
-    def installed(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-
-        def handler(signum, frame):
-            if self.requested:
-                raise KeyboardInterrupt
-            if signum == signal.SIGTERM:
-                self.terminate = True
-            else:
-                self.interrupt = True
-
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-
-
 # --------------------------------------------------------------------------- the epoch
 
 
@@ -563,116 +512,3 @@ def _check_finite(window: list[float], run: Run, epoch: int, first: int, last: i
         f"loss is {value} at epoch {epoch + 1}, {step}; stopped ({saved})",
         "lower --lr, or check the data and the model",
     )
-
-
-# --------------------------------------------------------------------------- the step
-
-
-class Stepper:
-    """One optimizer step on this rank's share of a global batch: mixup/cutmix, forward
-    (with the teacher), the loss, backward over `grad_accum` micro-batches, AdamW, the EMA.
-
-    The loss stays on the device: `exchange` reads the window of summed losses, with the
-    per-step numbers all ranks must agree on, in one reduction."""
-
-    def __init__(
-        self,
-        student,
-        model,
-        teacher,
-        criterion,
-        optimizer,
-        scaler,
-        ema,
-        mixup,
-        *,
-        device,
-        amp_dtype,
-        grad_accum,
-        clip_grad,
-        world,
-    ):
-        self.student, self.model, self.teacher, self.criterion = student, model, teacher, criterion
-        self.optimizer, self.scaler, self.ema, self.mixup = optimizer, scaler, ema, mixup
-        self.device, self.amp_dtype, self.grad_accum, self.clip_grad, self.world = (
-            device,
-            amp_dtype,
-            grad_accum,
-            clip_grad,
-            world,
-        )
-        self._zero_window()
-
-    def _zero_window(self) -> None:
-        z = torch.zeros((), dtype=torch.float32, device=self.device)
-        self.loss_sum, self.images, self.bad = z.clone(), z.clone(), z.clone()  # since the last read
-        self.bad_step, self.bad_value = torch.full((), -1.0, device=self.device), z.clone()
-
-    def first_bad(self) -> tuple[int, float] | None:
-        """(global step, loss) of this rank's first non-finite loss in the window, if any."""
-        step = int(self.bad_step.item())
-        return (step, self.bad_value.item()) if step >= 0 else None
-
-    def exchange(self, numbers: list[float], *, read: bool) -> list:
-        """`numbers` summed over ranks (as they are on one process); with `read`, also the
-        loss window (loss sum, images, non-finite count), which then starts afresh."""
-        numbers = [float(v) for v in numbers]
-        if self.world == 1 and not read:
-            return [*numbers, None]
-        values = torch.tensor(numbers, dtype=torch.float32, device=self.device)
-        if read:
-            values = torch.cat([values, torch.stack([self.loss_sum, self.images, self.bad])])
-        if self.world > 1:
-            values = distributed.all_reduce_sum(values if self.device.type == "cuda" else values.cpu())
-        out = values.double().tolist()  # the one host synchronisation of the step
-        if not read:
-            return [*out, None]
-        window = out[-3:]
-        if not window[2] and math.isfinite(window[0]):
-            self._zero_window()
-        return [*out[:-3], window]
-
-    def step(self, x: torch.Tensor, y: torch.Tensor, n_global: int, mix_seed: int, global_step: int) -> None:
-        model, world = self.model, self.world
-        n_local = x.shape[0]
-        x = x.to(self.device, non_blocking=True)
-        y = y.to(self.device, non_blocking=True)
-        if n_local == 0:  # this rank's images all failed: take part in the gradient sum with zero
-            size = model.config.image_size
-            x = torch.zeros((1, 3, size, size), device=self.device)
-            y = torch.zeros((1, *y.shape[1:]), dtype=y.dtype, device=self.device)
-        if self.mixup.active:  # always, so the targets are what the criterion expects (one image: itself)
-            x, y = self.mixup(x, y, np.random.default_rng(mix_seed))
-        micro = max(1, min(self.grad_accum, x.shape[0]))
-        chunks = list(zip(x.tensor_split(micro), y.tensor_split(micro)))
-        for i, (xc, yc) in enumerate(chunks):
-            sync = self.student.no_sync() if (world > 1 and i < len(chunks) - 1) else nullcontext()
-            with sync:
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    cls_logits, dist_logits = self.student(xc)
-                    teacher_logits = self.teacher(xc) if self.teacher is not None else None
-                    loss = self.criterion(cls_logits, dist_logits, teacher_logits, yc)
-                if n_local:
-                    self._count(loss.detach().float(), xc.shape[0], global_step)
-                    # each share's mean, weighted so the summed (DDP: averaged) gradient is the global batch's mean
-                    loss = loss * (xc.shape[0] * world / n_global)
-                else:
-                    loss = loss * 0.0
-                self.scaler.scale(loss).backward()
-        if self.clip_grad is not None:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(model)
-
-    def _count(self, loss: torch.Tensor, n: int, global_step: int) -> None:
-        finite = torch.isfinite(loss)
-        first = (~finite) & (self.bad_step < 0)
-        self.bad_value = torch.where(first, loss, self.bad_value)
-        self.bad_step = torch.where(first, float(global_step), self.bad_step)
-        self.bad += (~finite).float()
-        self.loss_sum += loss * n
-        self.images += n
