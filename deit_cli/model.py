@@ -163,12 +163,13 @@ class DeiT(nn.Module):
                 m.weight.copy_(torch.empty(m.weight.shape).uniform_(-bound, bound, generator=g))
                 m.bias.copy_(torch.empty(m.bias.shape).uniform_(-bound, bound, generator=g))
 
-    def set_drop_path(self, rate: float) -> None:
+    def set_drop_path(self, rate: float, uniform: bool = False) -> None:
         """Stochastic depth for training, rising linearly from 0 at the first block to
-        `rate` at the last (the original release's schedule). No effect in eval."""
+        `rate` at the last (the DeiT release's schedule), or with `uniform` `rate` in every
+        block (DeiT III's: models_v2 gives each block the same rate). No effect in eval."""
         n = len(self.blocks)
         for i, block in enumerate(self.blocks):
-            block.drop_path = rate * i / (n - 1) if n > 1 else rate
+            block.drop_path = rate if uniform or n == 1 else rate * i / (n - 1)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) -> the blocks' input: prefix and patch tokens with their

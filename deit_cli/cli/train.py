@@ -28,6 +28,18 @@ class RecipeName(str, Enum):
     finetune = "finetune"
     hires = "hires"
     plain = "plain"
+    deit3 = "deit3"
+    deit3_finetune = "deit3-finetune"
+
+
+class OptimizerName(str, Enum):
+    adamw = "adamw"
+    lamb = "lamb"
+
+
+class DropPathSchedule(str, Enum):
+    linear = "linear"
+    uniform = "uniform"
 
 
 class Distillation(str, Enum):
@@ -74,13 +86,18 @@ def train(
         typer.Option(
             "--recipe",
             help="Defaults for every flag below: scratch, finetune (default from pretrained weights), "
-            "hires (fine-tune trained weights at 384 px, the original README's) or plain (nothing random but the "
-            "data order).",
+            "hires (fine-tune trained weights at 384 px, the original README's), plain (nothing random but the "
+            "data order), deit3 (DeiT III's ImageNet-1k pre-training: 3-Augment, BCE, LAMB; lr, drop path and size "
+            "by the model's width) or deit3-finetune (DeiT III's 20-epoch fine-tune to the final resolution).",
         ),
     ] = None,
     epochs: Annotated[
         int | None,
-        typer.Option("--epochs", min=1, help="Epochs (recipe: scratch 300, finetune 30, hires 30, plain 10)."),
+        typer.Option(
+            "--epochs",
+            min=1,
+            help="Epochs (recipe: scratch 300, finetune 30, hires 30, plain 10, deit3 800, deit3-finetune 20).",
+        ),
     ] = None,
     batch_size: Annotated[
         int | None,
@@ -103,14 +120,62 @@ def train(
         typer.Option("--warmup-epochs", help="Linear warm-up, in epochs (0: the first step uses the full --lr)."),
     ] = None,
     warmup_lr: Annotated[float | None, typer.Option("--warmup-lr", help="Where the warm-up starts.")] = None,
+    unscale_lr: Annotated[
+        bool | None,
+        typer.Option(
+            "--unscale-lr/--scale-lr",
+            help="The recipe's base rate is the peak whatever the batch (deit3 recipes), or scaled by batch/512.",
+            show_default=False,
+        ),
+    ] = None,
+    optimizer: Annotated[
+        OptimizerName | None,
+        typer.Option(
+            "--optimizer", help="adamw, or lamb (DeiT III's: apex FusedLAMB's eps 1e-8, global norm clipped to 1)."
+        ),
+    ] = None,
     weight_decay: Annotated[
-        float | None, typer.Option("--weight-decay", help="AdamW decay (weights of 2+ dimensions only).")
+        float | None, typer.Option("--weight-decay", help="Weight decay (weights of 2+ dimensions only).")
     ] = None,
     smoothing: Annotated[float | None, typer.Option("--smoothing", help="Label smoothing.")] = None,
     mixup: Annotated[float | None, typer.Option("--mixup", help="Mixup alpha (0: off).")] = None,
     cutmix: Annotated[float | None, typer.Option("--cutmix", help="CutMix alpha (0: off).")] = None,
     reprob: Annotated[float | None, typer.Option("--reprob", help="Random-erasing probability.")] = None,
+    three_augment: Annotated[
+        bool | None,
+        typer.Option(
+            "--three-augment/--no-three-augment",
+            help="DeiT III's 3-Augment (grayscale, solarization or blur, then colour jitter) instead of RandAugment.",
+            show_default=False,
+        ),
+    ] = None,
+    simple_crop: Annotated[
+        bool | None,
+        typer.Option(
+            "--simple-crop/--no-simple-crop",
+            help="3-Augment's simple crop (resize, reflect-padded 4-px random crop; the release's --src).",
+            show_default=False,
+        ),
+    ] = None,
+    color_jitter: Annotated[
+        float | None, typer.Option("--color-jitter", help="3-Augment's colour jitter (deit3: 0.3).")
+    ] = None,
+    bce_loss: Annotated[
+        bool | None,
+        typer.Option(
+            "--bce-loss/--no-bce-loss",
+            help="Binary cross-entropy on binarized (mixed) targets, DeiT III's loss; needs --smoothing 0.",
+            show_default=False,
+        ),
+    ] = None,
     drop_path: Annotated[float | None, typer.Option("--drop-path", help="Stochastic-depth rate.")] = None,
+    drop_path_schedule: Annotated[
+        DropPathSchedule | None,
+        typer.Option(
+            "--drop-path-schedule",
+            help="linear (0 at the first block to --drop-path at the last; DeiT) or uniform (every block; DeiT III).",
+        ),
+    ] = None,
     repeated_aug: Annotated[
         int | None, typer.Option("--repeated-aug", min=1, help="Repeated augmentation: copies of each image per epoch.")
     ] = None,
@@ -266,6 +331,13 @@ def train(
         model_ema=model_ema,
         ema_decay=model_ema_decay,
         clip_grad=clip_grad,
+        unscale_lr=unscale_lr,
+        optimizer=optimizer.value if optimizer else None,
+        three_augment=three_augment,
+        simple_crop=simple_crop,
+        color_jitter=color_jitter,
+        bce=bce_loss,
+        drop_path_schedule=drop_path_schedule.value if drop_path_schedule else None,
     )
     opts = TrainOptions(
         data=data,

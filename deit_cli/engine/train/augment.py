@@ -10,6 +10,12 @@ sample's own `random.Random`, never a global generator, so augmentation is repro
 whatever the number of decoding threads or processes; given the same draws, each step
 computes what timm's does (tests/test_augment_parity.py).
 
+`ThreeAugment` is DeiT III's (the release's augment.py, `--ThreeAugment`): random resized
+crop (or, with `simple_crop`, resize and a reflect-padded 4-pixel random crop) and flip, then
+one of grayscale, solarization or Gaussian blur chosen uniformly, then colour jitter;
+each op calls the library op the release calls, on draws from the sample's generator
+(tests/test_deit3_train.py).
+
 `Mixup` is timm's batch-wise mixup/cutmix (switch probability 0.5, label smoothing folded
 into the soft targets), driven by a generator seeded per step.
 """
@@ -23,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from ...errors import UsageError
 from ...images.transform import EvalTransform, eval_transform
@@ -305,9 +311,98 @@ def erase(x: torch.Tensor, rng: random.Random, prob: float) -> None:
         x[:, top : top + eh, left : left + ew] = torch.from_numpy(noise)
 
 
-def build_transform(pre: Preprocessing, recipe) -> PlainTransform | TrainTransform:
+def simple_crop(img: Image.Image, size: int, top: int, left: int) -> Image.Image:
+    """3-Augment's simple crop given its offsets into the padded image: torchvision's
+    Resize(size, bicubic) (the shorter side to `size`), then RandomCrop(size, padding=4,
+    padding_mode="reflect")."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    img = img.resize((size, new_long) if w <= h else (new_long, size), _BICUBIC)
+    padded = np.pad(np.asarray(img), ((4, 4), (4, 4), (0, 0)), mode="reflect")
+    return Image.fromarray(padded[top : top + size, left : left + size])
+
+
+def simple_crop_offsets(img_size: tuple[int, int], size: int, rng: random.Random) -> tuple[int, int]:
+    """The (top, left) of RandomCrop in the padded, resized image (torchvision's uniform draws)."""
+    w, h = img_size
+    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)  # (w, h) after the resize
+    return rng.randint(0, new[1] + 8 - size), rng.randint(0, new[0] + 8 - size)
+
+
+def grayscale(img: Image.Image) -> Image.Image:
+    """torchvision's Grayscale(num_output_channels=3): the luma, in three equal channels."""
+    return img.convert("L").convert("RGB")
+
+
+def solarize(img: Image.Image) -> Image.Image:
+    """PIL's ImageOps.solarize at its default threshold, 128 (the release's Solarization)."""
+    return ImageOps.solarize(img, 128)
+
+
+def gaussian_blur(img: Image.Image, radius: float) -> Image.Image:
+    """PIL's GaussianBlur (the release draws the radius uniformly in [0.1, 2])."""
+    return img.filter(ImageFilter.GaussianBlur(radius=radius))
+
+
+def color_jitter(img: Image.Image, order, brightness: float, contrast: float, saturation: float) -> Image.Image:
+    """torchvision's ColorJitter on a PIL image given its draws: the four adjustments in
+    `order` (a permutation of 0-3: brightness, contrast, saturation, hue; hue is off), each by
+    its factor, through PIL's ImageEnhance as torchvision's PIL path does."""
+    for i in order:
+        if i == 0:
+            img = ImageEnhance.Brightness(img).enhance(brightness)
+        elif i == 1:
+            img = ImageEnhance.Contrast(img).enhance(contrast)
+        elif i == 2:
+            img = ImageEnhance.Color(img).enhance(saturation)
+    return img
+
+
+class ThreeAugment:
+    """DeiT III's 3-Augment: (image, generator) -> float32 (3, size, size).
+
+    The draws follow the release's order: the crop, the flip, the choice of op
+    (RandomChoice: one `random()`), the op's own `random()` against its p=1.0, the blur's
+    radius; then the jitter's order and factors, which the release draws from torch's
+    generator and we from the sample's."""
+
+    def __init__(self, pre: Preprocessing, *, color_jitter: float = 0.3, simple: bool = False):
+        self.image_size, self.jitter, self.simple = pre.image_size, color_jitter, simple
+        self._norm = EvalTransform(pre.image_size, pre.image_size, mean=pre.mean, std=pre.std)
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+        s = self.image_size
+        if self.simple:
+            img = simple_crop(image, s, *simple_crop_offsets(image.size, s, rng))
+        else:
+            img = image.crop(rrc_box(*image.size, rng)).resize((s, s), _BICUBIC)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        img = self.secondary(img, rng)
+        if self.jitter:
+            lo, hi = max(0.0, 1 - self.jitter), 1 + self.jitter
+            order = rng.sample(range(4), 4)
+            img = color_jitter(img, order, rng.uniform(lo, hi), rng.uniform(lo, hi), rng.uniform(lo, hi))
+        return self._norm(img)
+
+    @staticmethod
+    def secondary(img: Image.Image, rng: random.Random) -> Image.Image:
+        """One of grayscale, solarization or blur, with the release's draws in its order."""
+        op = int(rng.random() * 3)  # random.choices' draw, as the release's RandomChoice
+        rng.random()  # the op's own "apply?" draw (p=1.0: always)
+        if op == 0:
+            return grayscale(img)
+        if op == 1:
+            return solarize(img)
+        return gaussian_blur(img, rng.uniform(0.1, 2.0))
+
+
+def build_transform(pre: Preprocessing, recipe) -> PlainTransform | TrainTransform | ThreeAugment:
     if not recipe.augment:
         return PlainTransform(pre)
+    if recipe.three_augment:
+        return ThreeAugment(pre, color_jitter=recipe.color_jitter, simple=recipe.simple_crop)
     return TrainTransform(pre, rand_augment=recipe.rand_augment, reprob=recipe.reprob)
 
 

@@ -45,6 +45,7 @@ from .options import (
     distillation_kind,
     resumed_options,
 )
+from .recipes import for_model
 from .report import Report, open_report
 from .run_dir import (
     create_run_dir,
@@ -59,7 +60,7 @@ from .run_dir import (
 )
 from .step import Stepper
 from .stop import Stop
-from .student import TrainingHeads, build_student
+from .student import TrainingHeads, architecture, build_student
 from .teacher import Teacher, load_teacher
 from .validate import validate
 
@@ -96,6 +97,8 @@ def _train(opts: TrainOptions, events: Events) -> dict:
         opts = resumed_options(opts, ckpt["args"], ckpt["epoch"])
     kind = distillation_kind(opts)
     sets, opts = _find_data(opts, ckpt, events)
+    if ckpt is None and opts.recipe.sizes is not None:  # DeiT III: lr, drop path and size by the model's width
+        opts = replace(opts, recipe=for_model(opts.recipe, architecture(opts), scratch=opts.scratch))
     recipe, classes, multi = opts.recipe, sets.train.classes, sets.train.multi_label
 
     # ---- where and how
@@ -109,7 +112,7 @@ def _train(opts: TrainOptions, events: Events) -> dict:
     # ---- the models
     model = _resumed_student(ckpt, classes) if ckpt is not None else build_student(opts, classes, events)
     model.multi_label, model.threshold = multi, opts.threshold or 0.5  # saved with the weights (deit_metadata)
-    model.set_drop_path(recipe.drop_path)
+    model.set_drop_path(recipe.drop_path, uniform=recipe.drop_path_schedule == "uniform")
     model.to(device).train().requires_grad_(True)
     teacher = _teacher(opts, model, device, amp_dtype, events) if opts.teacher is not None else None
     student: nn.Module = TrainingHeads(model)
@@ -125,7 +128,7 @@ def _train(opts: TrainOptions, events: Events) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     ema = ModelEma(model, recipe.ema_decay) if recipe.model_ema else None
     mixup = Mixup(recipe.mixup, recipe.cutmix, recipe.mixup_switch_prob, recipe.smoothing, len(classes))
-    loss = base_loss(soft_targets=mixup.active, smoothing=recipe.smoothing, multi_label=multi)
+    loss = base_loss(soft_targets=mixup.active, smoothing=recipe.smoothing, multi_label=multi, bce=recipe.bce)
     stepper = Stepper(
         student,
         model,

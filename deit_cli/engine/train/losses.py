@@ -18,6 +18,11 @@ loss is binary cross-entropy with logits on the class head, averaged over every 
     base = mean(−y·log σ(z_c) − (1 − y)·log(1 − σ(z_c)))
 
 (multi-label training has no teacher, so no distillation term).
+
+DeiT III's base loss (`bce`, the release's `--bce-loss`) is the same binary cross-entropy
+on targets binarized first, `y' = [y > 0]` (engine.py's `targets.gt(0.0)`): a mixed pair's
+two classes both become 1 whatever the mixing weight (class indices become one-hot
+vectors). Smoothing would make every target positive, so the recipe refuses the two together.
 """
 
 from __future__ import annotations
@@ -55,10 +60,24 @@ class MultiLabelBCE(nn.Module):
         return F.binary_cross_entropy_with_logits(logits.float(), target.float())
 
 
-def base_loss(*, soft_targets: bool, smoothing: float, multi_label: bool = False) -> nn.Module:
+class BinarizedBCE(nn.Module):
+    """DeiT III's loss: BCE with logits against `target > 0` (class indices: one-hot), the
+    mean over all B·C elements, computed in float32."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.ndim == 1:
+            target = F.one_hot(target, logits.shape[-1])
+        return F.binary_cross_entropy_with_logits(logits.float(), target.gt(0.0).float())
+
+
+def base_loss(*, soft_targets: bool, smoothing: float, multi_label: bool = False, bce: bool = False) -> nn.Module:
     """The classification loss for the targets a batch carries: multi-hot vectors
     (multi-label: BCE), distributions under mixup/cutmix (the smoothing is in them then),
-    class indices otherwise."""
+    class indices otherwise; with `bce`, DeiT III's BCE on binarized targets for all three."""
+    if bce:
+        if smoothing:
+            raise ValueError("binarized BCE needs smoothing 0 (smoothed targets are all above 0)")
+        return BinarizedBCE()
     if multi_label:
         if smoothing:
             raise ValueError("label smoothing does not apply to multi-label training")

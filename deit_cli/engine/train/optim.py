@@ -1,4 +1,5 @@
-"""The optimisation: AdamW parameter groups, the learning-rate schedule, the weights' EMA."""
+"""The optimisation: the optimizers (AdamW; LAMB as DeiT III runs it) and their parameter
+groups, the learning-rate schedule, the weights' EMA."""
 
 from __future__ import annotations
 
@@ -11,14 +12,18 @@ from torch import nn
 from ...model import DeiT
 from .recipes import Recipe
 
-__all__ = ["NO_WEIGHT_DECAY", "ModelEma", "build_optimizer", "ema_note", "lr_at", "param_groups"]
+__all__ = ["NO_WEIGHT_DECAY", "OPTIMIZERS", "Lamb", "ModelEma", "build_optimizer", "ema_note", "lr_at", "param_groups"]
+
+OPTIMIZERS = ("adamw", "lamb")
 
 NO_WEIGHT_DECAY = ("cls_token", "dist_token", "pos_embed")  # 3-d, but not weights (the original release)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on parameters with two or more dimensions (linear weights, the patch
-    convolution), not on biases, norms, cls_token, dist_token or pos_embed."""
+    convolution), not on biases, norms, LayerScale, cls_token, dist_token or pos_embed (the
+    release's groups, for AdamW and LAMB alike: timm's `add_weight_decay` with the model's
+    `no_weight_decay()`)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -30,7 +35,73 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def build_optimizer(model: DeiT, recipe: Recipe, device: torch.device) -> torch.optim.AdamW:
+class Lamb(torch.optim.Optimizer):
+    """LAMB as DeiT III trains with it (apex's FusedLAMB, `--opt fusedlamb`): Adam moments with
+    bias correction on the gradients divided by max(1, global norm / max_grad_norm) (the clip
+    is inside the step, over every parameter), then per tensor, where weight decay is on,
+    update = m̂ / (√v̂ + eps) + wd·w scaled by the trust ratio ‖w‖ / ‖update‖ (1 where either
+    norm is 0); a group without weight decay takes the plain Adam update (no trust ratio: apex's
+    `use_nvlamb=False`). w ← w − lr·update."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 max_grad_norm: float | None = 1.0):  # fmt: skip
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self.max_grad_norm = max_grad_norm
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        every = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not every:
+            return loss
+        clip = None
+        if self.max_grad_norm is not None:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(every)))  # the global norm
+            clip = (norm / self.max_grad_norm).clamp_(min=1.0)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+            step = self.state[params[0]]["step"].item()  # every tensor of a group steps together
+            m = [self.state[p]["exp_avg"] for p in params]
+            v = [self.state[p]["exp_avg_sq"] for p in params]
+            grads = [p.grad for p in params]
+            if clip is not None:
+                grads = torch._foreach_div(grads, clip)  # the gradients themselves are left as they are
+            torch._foreach_lerp_(m, grads, 1 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, math.sqrt(1 - beta2**step))
+            torch._foreach_add_(denom, group["eps"])
+            update = torch._foreach_div(m, 1 - beta1**step)
+            torch._foreach_div_(update, denom)
+            if group["weight_decay"]:
+                torch._foreach_add_(update, params, alpha=group["weight_decay"])
+                w_norm, u_norm = torch._foreach_norm(params), torch._foreach_norm(update)
+                ratios = [torch.where((w > 0) & (u > 0), w / u, torch.ones_like(w)) for w, u in zip(w_norm, u_norm)]
+                torch._foreach_mul_(update, ratios)
+            torch._foreach_add_(params, update, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(model: DeiT, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
+    if recipe.optimizer == "lamb":
+        # eps 1e-8 and the global norm clipped to 1 inside the step: apex FusedLAMB's, which the
+        # release ran (timm's Lamb defaults to eps 1e-6)
+        return Lamb(param_groups(model, recipe.weight_decay), lr=recipe.peak_lr(), betas=recipe.betas,
+                    eps=recipe.opt_eps, max_grad_norm=1.0)  # fmt: skip
     fused = device.type in ("cpu", "cuda")  # one kernel per step for all parameters
     return torch.optim.AdamW(
         param_groups(model, recipe.weight_decay),

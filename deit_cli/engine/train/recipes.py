@@ -1,5 +1,7 @@
 """Training recipes as data: one record per recipe, every field a flag that overrides it.
 
+The DeiT recipes (`scratch`, `finetune`, `hires`, `plain`):
+
 | field | scratch | finetune | hires | plain |
 | --- | --- | --- | --- | --- |
 | epochs | 300 | 30 | 30 | 10 |
@@ -25,10 +27,39 @@ fine-tuning of trained weights at 384 pixels (`--input-size 384 --lr 5e-6 --weig
 --epochs 30 --min-lr 5e-6`, 2 nodes of 8 GPUs at 32 images each: 512, with main.py's other
 defaults, the scratch augmentation among them); `plain` exists so a run can be
 checked exactly (nothing random but the data order); `finetune` is argued in the README.
+
+The DeiT III recipes (README_revenge.md's ImageNet-1k commands; `deit3` pre-trains from
+scratch, `deit3-finetune` fine-tunes B, L and H to 224 after their low-resolution
+pre-training, and S to 384):
+
+| field | deit3 | deit3-finetune |
+| --- | --- | --- |
+| epochs | 800 | 20 |
+| batch_size (global) | 2048 | 512 |
+| lr (not scaled by batch: unscale_lr) | by size | 1e-5 |
+| min_lr | 1e-5 | 1e-5 (main.py's default: flat after the warm-up) |
+| warmup_epochs / warmup_lr | 5 / 1e-6 | 5 / 1e-6 |
+| optimizer | lamb (apex FusedLAMB's: eps 1e-8, global norm clipped to 1) | adamw |
+| weight_decay | 0.05 | 0.1 |
+| smoothing | 0 | 0.1 |
+| train transform | 3-Augment, colour jitter 0.3 | random resized crop, flip, RandAugment m9 mstd 0.5 |
+| loss | BCE on binarized mixup targets (`targets.gt(0)`) | soft-target CE |
+| mixup / cutmix (switch 0.5) | 0.8 / 1.0 | 0.8 / 1.0 |
+| reprob | 0 | 0 |
+| drop_path (the same in every block) | by size | by size |
+| repeated_aug | 3 | 1 |
+| model_ema | on (main.py's default; saved beside, never reported) | off |
+| image_size | by size (--scratch from a 224 model) | the model's |
+
+By size, from the model's width (embed_dim): S and M (up to 512): lr 4e-3, drop path 0.05
+at 224; B (768): 3e-3, 0.2 at 192; L (1024): 3e-3, 0.45 at 192; H (wider): 3e-3, 0.6 at
+160. Fine-tuning: drop path 0 for S (its 384 fine-tune), 0.2 B, 0.45 L, 0.55 H. A flag given
+(`--lr`, `--drop-path`, `--image-size`) wins over the size's value.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from ...errors import UsageError
@@ -39,7 +70,7 @@ class Recipe:
     name: str
     epochs: int
     batch_size: int  # global: split across processes
-    base_lr: float  # scaled by batch_size / 512 unless lr is given
+    base_lr: float | None  # scaled by batch_size / 512 unless lr is given or unscale_lr; None: by size
     min_lr: float
     warmup_epochs: float
     warmup_lr: float
@@ -51,7 +82,7 @@ class Recipe:
     cutmix: float
     mixup_switch_prob: float
     reprob: float
-    drop_path: float
+    drop_path: float | None  # None: by the model's size (`sizes`)
     repeated_aug: int
     model_ema: bool
     ema_decay: float
@@ -60,9 +91,19 @@ class Recipe:
     image_size: int | None = None  # train at this size (None: the model's; --image-size overrides)
     opt_eps: float = 1e-8
     betas: tuple[float, float] = (0.9, 0.999)
+    optimizer: str = "adamw"  # or "lamb"
+    unscale_lr: bool = False  # True: base_lr is the peak whatever the batch (the release's --unscale-lr)
+    three_augment: bool = False  # DeiT III's 3-Augment instead of RandAugment
+    simple_crop: bool = False  # 3-Augment's --src: resize and a padded random crop, not a random resized crop
+    color_jitter: float = 0.0  # with 3-Augment: brightness, contrast and saturation jitter
+    bce: bool = False  # binary cross-entropy on binarized targets (the release's --bce-loss)
+    drop_path_schedule: str = "linear"  # or "uniform": the same rate in every block (DeiT III)
+    sizes: str | None = None  # a key of SIZES: base_lr, drop_path and image_size by the model's width
 
     def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else self.base_lr * self.batch_size / 512
+        if self.lr is not None:
+            return self.lr
+        return self.base_lr if self.unscale_lr else self.base_lr * self.batch_size / 512
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -94,7 +135,43 @@ PLAIN = replace(
 HIRES = replace(
     SCRATCH, name="hires", epochs=30, batch_size=512, base_lr=5e-6, min_lr=5e-6, weight_decay=1e-8, image_size=384,
 )  # fmt: skip
-RECIPES = {r.name: r for r in (SCRATCH, FINETUNE, HIRES, PLAIN)}
+DEIT3 = replace(
+    SCRATCH, name="deit3", epochs=800, batch_size=2048, base_lr=None, unscale_lr=True, smoothing=0.0,
+    rand_augment=None, three_augment=True, color_jitter=0.3, reprob=0.0, drop_path=None,
+    drop_path_schedule="uniform", optimizer="lamb", bce=True, sizes="deit3",
+)  # fmt: skip
+DEIT3_FINETUNE = replace(
+    SCRATCH, name="deit3-finetune", epochs=20, batch_size=512, base_lr=1e-5, unscale_lr=True, weight_decay=0.1,
+    reprob=0.0, drop_path=None, drop_path_schedule="uniform", repeated_aug=1, model_ema=False,
+    sizes="deit3-finetune",
+)  # fmt: skip
+RECIPES = {r.name: r for r in (SCRATCH, FINETUNE, HIRES, PLAIN, DEIT3, DEIT3_FINETUNE)}
+
+# By the model's width: (widest embed_dim, base_lr, drop_path, image_size for a 224 model
+# trained from scratch or None), from README_revenge.md's commands.
+SIZES = {
+    "deit3": ((512, 4e-3, 0.05, None), (768, 3e-3, 0.2, 192), (1024, 3e-3, 0.45, 192), (math.inf, 3e-3, 0.6, 160)),
+    "deit3-finetune": ((512, 1e-5, 0.0, None), (768, 1e-5, 0.2, None), (1024, 1e-5, 0.45, None),
+                       (math.inf, 1e-5, 0.55, None)),
+}  # fmt: skip
+
+
+def for_model(recipe: Recipe, config, *, scratch: bool) -> Recipe:
+    """The recipe with its by-size values (those still None) filled from the model's
+    `config`; a recipe without sizes as it is."""
+    if recipe.sizes is None:
+        return recipe
+    _, base_lr, drop_path, image_size = next(row for row in SIZES[recipe.sizes] if config.embed_dim <= row[0])
+    changes = {}
+    if recipe.base_lr is None:
+        changes["base_lr"] = base_lr
+    if recipe.drop_path is None:
+        changes["drop_path"] = drop_path
+    if recipe.image_size is None and image_size and scratch and config.image_size == 224:
+        changes["image_size"] = image_size
+    out = replace(recipe, **changes)
+    _check(out)
+    return out
 
 
 def resolve_recipe(name: str, overrides: dict) -> Recipe:
@@ -117,7 +194,9 @@ def _check(r: Recipe) -> None:
 
     need(r.epochs >= 1, f"--epochs must be at least 1, not {r.epochs}")
     need(r.batch_size >= 1, f"--batch-size must be at least 1, not {r.batch_size}")
-    need(r.peak_lr() > 0, "--lr must be positive")
+    need(r.optimizer in ("adamw", "lamb"), f"--optimizer must be adamw or lamb, not {r.optimizer!r}")
+    need(r.lr is None or r.lr > 0, "--lr must be positive")
+    need(r.base_lr is None or r.lr is not None or r.peak_lr() > 0, "--lr must be positive")
     need(r.min_lr >= 0 and r.warmup_lr >= 0, "--min-lr and --warmup-lr must not be negative")
     need(r.warmup_epochs >= 0, "--warmup-epochs must not be negative")
     need(r.weight_decay >= 0, "--weight-decay must not be negative")
@@ -128,7 +207,15 @@ def _check(r: Recipe) -> None:
         from .augment import parse_rand_augment  # a UsageError for a bad spec, before any data is read
 
         parse_rand_augment(r.rand_augment)
-    need(0 <= r.drop_path < 1, "--drop-path must be in [0, 1)")
+    need(r.drop_path is None or 0 <= r.drop_path < 1, "--drop-path must be in [0, 1)")
+    need(r.drop_path_schedule in ("linear", "uniform"), "--drop-path-schedule must be linear or uniform")
+    need(not r.simple_crop or r.three_augment, "--simple-crop is 3-Augment's crop; give it with --three-augment")
+    need(r.color_jitter >= 0, "--color-jitter must not be negative")
+    need(
+        not (r.bce and r.smoothing),
+        f"--bce-loss needs --smoothing 0, not {r.smoothing:g} (smoothed, every mixed target is above 0, so the "
+        "binarized targets would all be 1)",
+    )
     need(r.repeated_aug >= 1, "--repeated-aug must be at least 1")
     need(0 < r.ema_decay < 1, "--model-ema-decay must be in (0, 1)")
     need(r.clip_grad is None or r.clip_grad > 0, "--clip-grad must be positive")

@@ -13,7 +13,7 @@ from ...model import DeiT
 from ...variants import Preprocessing, find_variant, variant_for_config
 from .options import Events, TrainOptions
 
-__all__ = ["TrainingHeads", "build_student", "rebuild"]
+__all__ = ["TrainingHeads", "architecture", "build_student", "rebuild"]
 
 
 class TrainingHeads(nn.Module):
@@ -38,6 +38,19 @@ class TrainingHeads(nn.Module):
         cls = m.head(tokens[:, 0])
         dist = m.head_dist(tokens[:, 1]) if m.head_dist is not None else None
         return cls, dist
+
+
+def architecture(opts: TrainOptions):
+    """The config of the model a run starts from (what a recipe's by-size values read), without
+    building it: --config, a released name, or the checkpoint's own."""
+    if opts.config is not None:
+        return opts.config
+    variant = find_variant(opts.model)
+    if variant is not None:
+        return variant.config
+    from ...checkpoints import read_checkpoint
+
+    return read_checkpoint(opts.model).config
 
 
 def build_student(opts: TrainOptions, classes: list[str], events: Events) -> DeiT:
