@@ -36,6 +36,14 @@ CITATION = """@InProceedings{pmlr-v139-touvron21a,
   volume    = {139},
   month     = {July}
 }"""
+PAPER_DEIT3 = "https://arxiv.org/abs/2204.07118"
+CITATION_DEIT3 = """@InProceedings{touvron2022deitiii,
+  title     = {DeiT III: Revenge of the ViT},
+  author    = {Touvron, Hugo and Cord, Matthieu and Jegou, Herve},
+  booktitle = {Computer Vision -- ECCV 2022},
+  pages     = {516--533},
+  year      = {2022}
+}"""
 _UNKNOWN = "Not recorded in these weights"
 # Per-epoch rows shown in the card's training results table (all of them up to this many).
 _MAX_ROWS = 20
@@ -175,8 +183,10 @@ def model_card(
 ) -> str:
     """README.md for a model folder: YAML front matter, then the card. `model` is a loaded
     DeiT (config, labels, preprocessing, source, multi_label); `architecture` the
-    transformers class the folder's config.json names."""
+    transformers class the folder's config.json names, or for DeiT III (timm's layout) timm's
+    `deit3_*` name."""
     cfg, pre = model.config, model.preprocessing
+    deit3 = _is_deit3(cfg)
     multi = bool(getattr(model, "multi_label", False))
     metrics = validation_metrics(run, multi_label=multi)
     params = sum(p.numel() for p in model.parameters())
@@ -184,15 +194,21 @@ def model_card(
     data = _data_name(run)
     return "\n".join(
         [
-            _front_matter(name, license, cfg.distilled, metrics, data, _base_model(run)),
+            _front_matter(name, license, cfg.distilled, metrics, data, _base_model(run), deit3=deit3),
             _title(name, cfg),
             _description(model, params, architecture, run),
             _intended_uses(model, run),
-            _how_to_use(model, repo_id, architecture),
+            _how_to_use_timm(model, repo_id, architecture) if deit3 else _how_to_use(model, repo_id, architecture),
             _training_data(model, run, data),
             _training_procedure(model, run, pre),
             _evaluation(model, run, metrics, data),
-            "## Citation\n\nThe DeiT paper:\n\n```bibtex\n" + CITATION + "\n```\n",
+            "## Citation\n\n"
+            + (
+                "The DeiT III paper:\n\n```bibtex\n" + CITATION_DEIT3
+                if deit3
+                else "The DeiT paper:\n\n```bibtex\n" + CITATION
+            )
+            + "\n```\n",
         ]
     )
 
@@ -212,12 +228,24 @@ def _base_model(run: RunRecord | None) -> str | None:
     return parsed[0] if parsed else None
 
 
+def _is_deit3(cfg) -> bool:
+    return cfg.layer_scale_init is not None or not cfg.pos_embed_prefix
+
+
 def _front_matter(
-    name: str, license: str, distilled: bool, metrics: list[dict], data: str | None, base_model: str | None
+    name: str,
+    license: str,
+    distilled: bool,
+    metrics: list[dict],
+    data: str | None,
+    base_model: str | None,
+    *,
+    deit3: bool = False,
 ) -> str:
     from huggingface_hub import EvalResult, ModelCardData
 
     tags = ["image-classification", "vision", "deit", "deit-cli"] + (["distillation"] if distilled else [])
+    tags += ["deit3", "timm"] if deit3 else []
     results = [
         EvalResult(
             task_type="image-classification",
@@ -235,7 +263,7 @@ def _front_matter(
     card = ModelCardData(
         license=license,
         base_model=base_model,
-        library_name="transformers",
+        library_name="timm" if deit3 else "transformers",
         tags=tags,
         pipeline_tag="image-classification",
         model_name=name if results else None,
@@ -245,6 +273,10 @@ def _front_matter(
 
 
 def _title(name: str, cfg) -> str:
+    if _is_deit3(cfg):
+        return (
+            f"# {name}\n\nDeiT III Vision Transformer, {cfg.image_size}x{cfg.image_size}, published with `deit push`.\n"
+        )
     kind = "Distilled data-efficient Image Transformer" if cfg.distilled else "Data-efficient Image Transformer"
     return f"# {name}\n\n{kind} (DeiT), {cfg.image_size}x{cfg.image_size}, published with `deit push`.\n"
 
@@ -256,6 +288,25 @@ def _size_name(cfg) -> str:
 def _description(model, params: int, architecture: str, run: RunRecord | None) -> str:
     cfg = model.config
     lines = ["## Model description", ""]
+    if _is_deit3(cfg):
+        lines.append(
+            f"A Vision Transformer of the DeiT III family ([Touvron et al., 2022]({PAPER_DEIT3})): "
+            f"{cfg.depth} blocks, width {cfg.embed_dim}, {cfg.num_heads} attention heads, MLP width {cfg.mlp_dim}, "
+            f"{params:,} parameters. Images are cut into {cfg.patch_size}x{cfg.patch_size} patches "
+            f"({cfg.grid_size}x{cfg.grid_size} of them at {cfg.image_size}x{cfg.image_size}), each linearly "
+            "embedded, with a position embedding on the patches only; a class token is prepended. Both residual "
+            "branches of every block are scaled per channel by a learned LayerScale."
+        )
+        layout = (
+            f"The class token alone is classified. The folder is timm's layout (timm: `{architecture}` with the "
+            "`model_args` config.json gives): transformers has no class for DeiT III."
+        )
+        lines += ["", layout, ""]
+        head = "multi-label (a sigmoid per class" if getattr(model, "multi_label", False) else "single-label (softmax"
+        extra = f", threshold {model.threshold:g})" if getattr(model, "multi_label", False) else ")"
+        lines.append(f"The head classifies into {cfg.num_classes} classes, {head}{extra}: {_label_list(model.labels)}.")
+        lines.append("")
+        return "\n".join(lines)
     lines.append(
         f"A Vision Transformer trained the DeiT way ([Touvron et al., 2021]({PAPER})): "
         f"{cfg.depth} blocks, width {cfg.embed_dim}, {cfg.num_heads} attention heads, MLP width {cfg.mlp_dim} "
@@ -351,6 +402,42 @@ with torch.no_grad():
 """
 
 
+def _how_to_use_timm(model, repo_id: str, architecture: str) -> str:
+    multi = getattr(model, "multi_label", False)
+    post = (
+        "scores = logits.sigmoid()[0]\n"
+        f"print([labels[i] for i, s in enumerate(scores.tolist()) if s >= {model.threshold:g}])"
+        if multi
+        else "print(labels[logits.argmax(-1).item()])"
+    )
+    return f"""### How to use
+
+With the `deit` command line (the `deit-cli` package):
+
+```bash
+deit classify image.jpg -m {repo_id} --top 5
+```
+
+With timm, on its own (no code of deit's; transformers has no class for DeiT III):
+
+```python
+from PIL import Image
+import timm
+import torch
+
+model = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()  # {architecture}
+config = timm.data.resolve_data_config(model=model)  # config.json's pretrained_cfg
+transform = timm.data.create_transform(**config)
+labels = model.pretrained_cfg["label_names"]
+
+image = Image.open("image.jpg").convert("RGB")
+with torch.no_grad():
+    logits = model(transform(image).unsqueeze(0))
+{post}
+```
+"""
+
+
 def _data_name(run: RunRecord | None) -> str | None:
     data = run.args.get("data") if run else None
     return _public(data) if isinstance(data, str) and data else None
@@ -431,8 +518,12 @@ def _training_procedure(model, run: RunRecord | None, pre) -> str:
         rows.append(("optimizer", d(_optimizer(r))))
         rows.append(("learning rate schedule", d(_schedule(r))))
         rows.append(("label smoothing", d(f"{r.get('smoothing', 0):g}")))
+        if r.get("bce"):
+            rows.append(("loss", d("binary cross-entropy on binarized targets (DeiT III's)")))
         rows.append(("augmentation", d(_augmentation(r))))
-        rows.append(("stochastic depth (drop path)", d(f"{r.get('drop_path', 0):g}")))
+        dp = r.get("drop_path")
+        where = " in every block" if r.get("drop_path_schedule") == "uniform" else ""
+        rows.append(("stochastic depth (drop path)", d("by the model's width" if dp is None else f"{dp:g}{where}")))
         rows.append(("repeated augmentation", d(str(r.get("repeated_aug", 1)))))
         ema = f"on (decay {r.get('ema_decay'):g})" if r.get("model_ema") else "off"
         rows.append(("EMA of the weights", d(ema)))
@@ -477,21 +568,33 @@ def _eval_preprocessing(pre) -> str:
     return (
         f"At inference, {resize} with {pre.interpolation} interpolation, center-cropped to "
         f"{pre.image_size}x{pre.image_size} (crop ratio {pre.crop_pct:g}) and normalised with mean ({mean}) and "
-        f"standard deviation ({std}). preprocessor_config.json says the same to transformers."
+        f"standard deviation ({std}). The folder's preprocessing config says the same (transformers' "
+        "preprocessor_config.json, or for DeiT III timm's pretrained_cfg in config.json)."
     )
 
 
 def _optimizer(r: dict) -> str:
     betas = r.get("betas") or (0.9, 0.999)
-    return f"AdamW (betas {betas[0]:g}, {betas[1]:g}; eps {r.get('opt_eps', 1e-8):g}; weight decay {r.get('weight_decay', 0):g})"
+    name = "AdamW"
+    if r.get("optimizer") == "lamb":
+        name = (
+            "LAMB (apex FusedLAMB's: the global gradient norm clipped to 1 in the step; no trust ratio without decay)"
+        )
+    return f"{name} (betas {betas[0]:g}, {betas[1]:g}; eps {r.get('opt_eps', 1e-8):g}; weight decay {r.get('weight_decay', 0):g})"
 
 
 def _schedule(r: dict) -> str:
-    lr = r.get("lr")
-    peak = lr if lr is not None else r.get("base_lr", 0) * r.get("batch_size", 512) / 512
-    how = "" if lr is not None else f" (base {r.get('base_lr'):g} x batch / 512)"
+    lr, base = r.get("lr"), r.get("base_lr")
+    if lr is None and base is None:  # a DeiT III recipe's default, sized by the model
+        peak, how = None, ""
+    elif lr is not None:
+        peak, how = lr, ""
+    elif r.get("unscale_lr"):
+        peak, how = base, " (not scaled by the batch)"
+    else:
+        peak, how = base * r.get("batch_size", 512) / 512, f" (base {base:g} x batch / 512)"
     warm = r.get("warmup_epochs") or 0
-    text = f"peak {peak:.3g}{how}, "
+    text = f"peak {peak:.3g}{how}, " if peak is not None else "peak by the model's width (the recipe's table), "
     if warm:
         text += f"linear warm-up from {r.get('warmup_lr'):g} over {warm:g} epochs, then "
     return text + f"cosine decay to {r.get('min_lr'):g}, per step"
@@ -500,8 +603,12 @@ def _schedule(r: dict) -> str:
 def _augmentation(r: dict) -> str:
     if not r.get("augment", True):
         return "none (the evaluation transform)"
-    parts = ["random resized crop, horizontal flip"]
-    if r.get("rand_augment"):
+    crop = "simple crop (resize, reflect-padded 4-pixel random crop)" if r.get("simple_crop") else "random resized crop"
+    parts = [f"{crop}, horizontal flip"]
+    if r.get("three_augment"):
+        jitter = f", then colour jitter {r['color_jitter']:g}" if r.get("color_jitter") else ""
+        parts.append(f"3-Augment (one of grayscale, solarization, Gaussian blur{jitter})")
+    if r.get("rand_augment") and not r.get("three_augment"):
         parts.append(f"RandAugment `{r['rand_augment']}`")
     mixup, cutmix = r.get("mixup") or 0, r.get("cutmix") or 0
     if mixup or cutmix:

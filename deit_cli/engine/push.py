@@ -6,7 +6,12 @@
 The folder is the transformers layout `deit convert --to hf` writes (config.json with
 id2label/label2id, model.safetensors), with a preprocessor_config.json that states the
 model's own evaluation preprocessing (size, crop, interpolation, mean, std) and a README.md
-model card (engine/card.py). It is checked before anything is uploaded: read back, its
+model card (engine/card.py). transformers has no class for DeiT III (LayerScale, the
+patch-only position embedding), so a DeiT III is written in timm's hub layout instead
+(`timm.create_model("hf-hub:REPO_ID")` loads it): config.json with `architecture` (timm's
+`deit3_*` name of its width), `model_args` (the rest of the architecture), `num_classes`,
+`label_names` and a `pretrained_cfg` holding the model's evaluation preprocessing, and
+model.safetensors in timm's keys (our canonical keys are timm's). It is checked before anything is uploaded: read back, its
 logits equal the source model's. The upload is huggingface_hub's `create_repo(exist_ok=True)`
 then `upload_folder`, with the token huggingface_hub finds (HF_TOKEN, or `hf auth login`).
 
@@ -24,9 +29,22 @@ from pathlib import Path
 from ..errors import AccessDenied, CheckpointError, DeiTError, HubUnavailable, UsageError, first_line
 from ..files import atomic_path, check_destination, write_error
 
-__all__ = ["FOLDER_FILES", "PushResult", "check_repo_id", "preprocessor_config", "push", "write_folder"]
+__all__ = [
+    "FOLDER_FILES",
+    "TIMM_FOLDER_FILES",
+    "PushResult",
+    "check_repo_id",
+    "preprocessor_config",
+    "push",
+    "timm_config",
+    "write_folder",
+]
 
 FOLDER_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")
+TIMM_FOLDER_FILES = ("config.json", "model.safetensors", "README.md")  # DeiT III: timm reads config.json alone
+# timm's deit3_* name for each released width (its model_args carry the rest)
+_TIMM_DEIT3 = {384: "deit3_small_patch16_224", 512: "deit3_medium_patch16_224", 768: "deit3_base_patch16_224",
+               1024: "deit3_large_patch16_224", 1280: "deit3_huge_patch14_224"}  # fmt: skip
 # PIL's resampling numbers, which transformers' `resample` takes.
 _RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 _TOKEN_HINT = "set HF_TOKEN to a token with write access, or run `hf auth login`"
@@ -140,14 +158,86 @@ def write_folder(model, folder: Path, *, repo_id: str, run=None, license: str = 
     from ..checkpoints.writing import check_logits, write_hf
     from .card import model_card
 
-    arch = write_hf(folder, model, torch.float32)
-    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(model), indent=2) + "\n")
+    if timm_layout(model.config):
+        arch = _write_timm(folder, model, license)
+    else:
+        arch = write_hf(folder, model, torch.float32)
+        (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(model), indent=2) + "\n")
     card = model_card(model, repo_id=repo_id, run=run, architecture=arch, license=license)
     (folder / "README.md").write_text(card, encoding="utf-8")
     diff, tol = check_logits(model, str(folder), torch.float32, None)
     if not diff <= tol:  # NaN fails too
         raise CheckpointError(f"the written model's logits differ from the source's by {diff:.3g}; nothing pushed")
     return arch, diff
+
+
+def timm_layout(config) -> bool:
+    """DeiT III (LayerScale or the patch-only position embedding): timm's hub layout, which
+    transformers cannot hold."""
+    return config.layer_scale_init is not None or not config.pos_embed_prefix
+
+
+def timm_config(model, license: str = "apache-2.0") -> dict:
+    """timm's hub config.json for a DeiT III: what `timm.create_model("hf-hub:...")` reads
+    (architecture, model_args, num_classes, label_names, pretrained_cfg)."""
+    from ..variants import Preprocessing
+
+    cfg = model.config
+    if cfg.distilled:
+        raise UsageError(
+            "timm has no DeiT III with a distillation token, and transformers no DeiT III: nothing could load "
+            "this folder",
+            "publish it with `deit convert --to deit` and share the file",
+        )
+    pre = model.preprocessing or Preprocessing(image_size=cfg.image_size)
+    args = {
+        "img_size": cfg.image_size,
+        "patch_size": cfg.patch_size,
+        "embed_dim": cfg.embed_dim,
+        "depth": cfg.depth,
+        "num_heads": cfg.num_heads,
+        "mlp_ratio": cfg.mlp_ratio,
+        "qkv_bias": cfg.qkv_bias,
+        "no_embed_class": not cfg.pos_embed_prefix,
+        "init_values": cfg.layer_scale_init,  # None: no LayerScale
+    }
+    return {
+        "architecture": _TIMM_DEIT3.get(cfg.embed_dim, "deit3_small_patch16_224"),
+        "num_classes": cfg.num_classes,
+        "num_features": cfg.embed_dim,
+        "global_pool": "token",
+        "model_args": args,
+        "label_names": list(model.labels),
+        "pretrained_cfg": {
+            "tag": "deit",
+            "custom_load": False,
+            "input_size": [cfg.in_chans, cfg.image_size, cfg.image_size],
+            "fixed_input_size": True,
+            "interpolation": pre.interpolation,
+            "crop_pct": pre.crop_pct,
+            "crop_mode": "squash" if pre.resize_mode == "squash" else "center",  # our "shorter" is timm's "center"
+            "mean": list(pre.mean),
+            "std": list(pre.std),
+            "num_classes": cfg.num_classes,
+            "pool_size": None,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+            "license": license,
+        },
+    }
+
+
+def _write_timm(folder: Path, model, license: str) -> str:
+    import torch
+
+    from ..checkpoints.writing import canonical_tensors, save_safetensors
+
+    if model.config.layer_norm_eps != 1e-6:  # timm's deit3 LayerNorms; model_args cannot say another
+        raise UsageError(f"timm's deit3 has LayerNorm eps 1e-6, this model {model.config.layer_norm_eps:g}")
+    config = timm_config(model, license)
+    save_safetensors(folder / "model.safetensors", canonical_tensors(model, torch.float32), {"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return config["architecture"]
 
 
 def preprocessor_config(model) -> dict:
