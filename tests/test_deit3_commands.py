@@ -73,7 +73,7 @@ def test_serve_answers_a_deit3_as_classify_does(little, tmp_path, run_cpu):
 
 def test_push_writes_timms_layout_and_timm_loads_it_from_the_hub(little, tmp_path, run_cli, fake_hub):  # noqa: F811
     out = tmp_path / "folder"
-    rc, stdout, err = run_cli("push", little, REPO, "--no-upload", "--out", out)
+    rc, _, err = run_cli("push", little, REPO, "--no-upload", "--out", out)
     assert rc == 0, err
     assert sorted(p.name for p in out.iterdir()) == sorted(TIMM_FOLDER_FILES)
     config = json.loads((out / "config.json").read_text())

@@ -254,6 +254,16 @@ def test_binarized_bce_is_the_releases_loss():
         base_loss(soft_targets=True, smoothing=0.1, bce=True)
 
 
+def test_multi_label_data_under_deit3_binarizes_its_mixed_label_sets():
+    """Multi-hot targets mixed by mixup become the union of the pair's labels: the release's
+    rule applied to lists of labels (base_loss picks the binarized BCE for them too)."""
+    assert isinstance(base_loss(soft_targets=True, smoothing=0.0, multi_label=True, bce=True), BinarizedBCE)
+    x = torch.zeros(2, 3, 4, 4)
+    multi = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    _, mixed = Mixup(0.8, 0.0, 0.5, 0.0, 4).mix(x, multi, 0.9, None)
+    assert torch.equal(mixed.gt(0).float(), torch.tensor([[1.0, 1.0, 1.0, 0.0]] * 2))
+
+
 def test_one_deit3_step_equals_a_reference_step_from_timm():
     """Mixup (drawn), the binarized BCE on the class head, LAMB: our Stepper's step against
     timm's deit3 with the same weights, loss and timm's Lamb written here."""
@@ -418,9 +428,16 @@ def test_deit3_trains_from_scratch_then_fine_tunes(tmp_path, run_cpu):
     recipe = ckpt["args"]["recipe"]
     assert (recipe["optimizer"], recipe["base_lr"], recipe["drop_path"], recipe["bce"]) == ("lamb", 4e-3, 0.05, True)
     assert set(ckpt["optimizer"]["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert ckpt["preprocessing"]["crop_pct"] == 1.0  # validated uncropped, as the release evaluates
     final = load_weights(tmp_path / "run" / "model.safetensors")
     assert final["pos_embed"].shape == (1, 16, 32)
     assert not torch.all(final["blocks.0.ls1.gamma"] == 1e-4)  # LayerScale trained
+    # a resume continues the sized recipe; a flag that would change it is refused
+    rc, _, err = run_cpu("train", data, "-o", tmp_path / "run", "--resume", "--drop-path", "0.3")
+    assert rc == 2 and "--drop-path 0.3 (the run has 0.05)" in err, err
+    rc, _, err = run_cpu("train", data, "-o", tmp_path / "run", "--resume", "--epochs", "2", "-q")
+    assert rc == 0, err
+    assert len(records(tmp_path / "run")) == 2
     rc, out, err = run_cpu("train", data, "-o", tmp_path / "ft", "--recipe", "deit3-finetune", "-m",
                            tmp_path / "run" / "model.safetensors", "--epochs", "1", "--batch-size", "6", "--json")  # fmt: skip
     assert rc == 0, err

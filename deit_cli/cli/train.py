@@ -168,6 +168,13 @@ def train(
             show_default=False,
         ),
     ] = None,
+    eval_crop_ratio: Annotated[
+        float | None,
+        typer.Option(
+            "--eval-crop-ratio",
+            help="Validate at this center-crop ratio (deit3 recipes: 1.0, the release's); default: the model's.",
+        ),
+    ] = None,
     drop_path: Annotated[float | None, typer.Option("--drop-path", help="Stochastic-depth rate.")] = None,
     drop_path_schedule: Annotated[
         DropPathSchedule | None,
@@ -338,6 +345,7 @@ def train(
         color_jitter=color_jitter,
         bce=bce_loss,
         drop_path_schedule=drop_path_schedule.value if drop_path_schedule else None,
+        eval_crop_pct=eval_crop_ratio,
     )
     opts = TrainOptions(
         data=data,

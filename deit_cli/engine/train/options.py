@@ -73,6 +73,8 @@ FLAGS = {
     "threshold": "--threshold",
     "recipe": "--recipe",
     "ema_decay": "--model-ema-decay",
+    "bce": "--bce-loss",
+    "eval_crop_pct": "--eval-crop-ratio",
 }
 
 

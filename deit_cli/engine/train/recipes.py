@@ -50,11 +50,19 @@ pre-training, and S to 384):
 | repeated_aug | 3 | 1 |
 | model_ema | on (main.py's default; saved beside, never reported) | off |
 | image_size | by size (--scratch from a 224 model) | the model's |
+| eval_crop_pct (validation) | 1.0 | 1.0 |
 
 By size, from the model's width (embed_dim): S and M (up to 512): lr 4e-3, drop path 0.05
 at 224; B (768): 3e-3, 0.2 at 192; L (1024): 3e-3, 0.45 at 192; H (wider): 3e-3, 0.6 at
 160. Fine-tuning: drop path 0 for S (its 384 fine-tune), 0.2 B, 0.45 L, 0.55 H. A flag given
-(`--lr`, `--drop-path`, `--image-size`) wins over the size's value.
+(`--lr`, `--drop-path`, `--image-size`) wins over the size's value. Validation uses crop
+ratio 1.0, as every evaluation command of the release does (`--eval-crop-ratio 1.0`).
+
+Fine-tuning keeps the model in train mode, as the release's `--train-mode` default does for
+training and DeiT III fine-tuning: for these models (no dropout, no batch norm) that means
+the recipe's drop path is active during fine-tuning. Our loop trains every recipe in train
+mode; the original DeiT's 384 fine-tune (`hires`) ran in eval mode in the release's first
+main.py (drop path off), a difference that recipe keeps for now.
 """
 
 from __future__ import annotations
@@ -95,10 +103,11 @@ class Recipe:
     unscale_lr: bool = False  # True: base_lr is the peak whatever the batch (the release's --unscale-lr)
     three_augment: bool = False  # DeiT III's 3-Augment instead of RandAugment
     simple_crop: bool = False  # 3-Augment's --src: resize and a padded random crop, not a random resized crop
-    color_jitter: float = 0.0  # with 3-Augment: brightness, contrast and saturation jitter
+    color_jitter: float = 0.3  # with 3-Augment: brightness, contrast and saturation jitter (main.py's default)
     bce: bool = False  # binary cross-entropy on binarized targets (the release's --bce-loss)
     drop_path_schedule: str = "linear"  # or "uniform": the same rate in every block (DeiT III)
     sizes: str | None = None  # a key of SIZES: base_lr, drop_path and image_size by the model's width
+    eval_crop_pct: float | None = None  # validate at this crop ratio (kept in checkpoint.pt); None: the model's
 
     def peak_lr(self) -> float:
         if self.lr is not None:
@@ -137,13 +146,13 @@ HIRES = replace(
 )  # fmt: skip
 DEIT3 = replace(
     SCRATCH, name="deit3", epochs=800, batch_size=2048, base_lr=None, unscale_lr=True, smoothing=0.0,
-    rand_augment=None, three_augment=True, color_jitter=0.3, reprob=0.0, drop_path=None,
-    drop_path_schedule="uniform", optimizer="lamb", bce=True, sizes="deit3",
+    rand_augment=None, three_augment=True, reprob=0.0, drop_path=None,
+    drop_path_schedule="uniform", optimizer="lamb", bce=True, sizes="deit3", eval_crop_pct=1.0,
 )  # fmt: skip
 DEIT3_FINETUNE = replace(
     SCRATCH, name="deit3-finetune", epochs=20, batch_size=512, base_lr=1e-5, unscale_lr=True, weight_decay=0.1,
     reprob=0.0, drop_path=None, drop_path_schedule="uniform", repeated_aug=1, model_ema=False,
-    sizes="deit3-finetune",
+    sizes="deit3-finetune", eval_crop_pct=1.0,
 )  # fmt: skip
 RECIPES = {r.name: r for r in (SCRATCH, FINETUNE, HIRES, PLAIN, DEIT3, DEIT3_FINETUNE)}
 
@@ -210,6 +219,7 @@ def _check(r: Recipe) -> None:
     need(r.drop_path is None or 0 <= r.drop_path < 1, "--drop-path must be in [0, 1)")
     need(r.drop_path_schedule in ("linear", "uniform"), "--drop-path-schedule must be linear or uniform")
     need(not r.simple_crop or r.three_augment, "--simple-crop is 3-Augment's crop; give it with --three-augment")
+    need(r.eval_crop_pct is None or 0 < r.eval_crop_pct <= 1, "--eval-crop-ratio must be in (0, 1]")
     need(r.color_jitter >= 0, "--color-jitter must not be negative")
     need(
         not (r.bce and r.smoothing),

@@ -97,6 +97,10 @@ def build_student(opts: TrainOptions, classes: list[str], events: Events) -> Dei
     elif cfg.has_dist_head:
         events.note("no teacher: the class head alone is trained, and the model is saved without a distillation head")
         model = rebuild(model, replace(cfg, dist_head=False), opts.seed)
+    if opts.recipe.sizes == "deit3" and cfg.layer_scale_init is None:
+        events.note(f"{opts.model} is a DeiT (no LayerScale): the deit3 recipe trains it as it is, not a DeiT III")
+    if opts.recipe.eval_crop_pct is not None:  # DeiT III's recipes validate uncropped, as the release evaluates
+        model.preprocessing = replace(model.preprocessing, crop_pct=opts.recipe.eval_crop_pct)
     model.labels = list(classes)
     if model.variant is None:
         model.variant = variant_for_config(model.config)
