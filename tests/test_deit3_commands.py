@@ -115,3 +115,29 @@ def test_a_distilled_deit3_is_refused_in_one_line(tmp_path, run_cli):
     assert rc == 2 and "timm has no DeiT III with a distillation token" in err
     assert len(err.strip().splitlines()) <= 2  # the line and its hint
     assert not (tmp_path / "o").exists()
+
+
+def test_the_card_of_a_deit3_run_states_its_recipe(tmp_path, run_cpu, run_cli):
+    from test_train import make_set
+
+    from deit_cli.config import DeiTConfig
+
+    make_set(tmp_path / "data", 3)
+    cfg = DeiTConfig(image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, distilled=False,
+                     num_classes=3, layer_scale_init=1e-4, pos_embed_prefix=False)  # fmt: skip
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    rc, _, err = run_cpu("train", tmp_path / "data", "-o", tmp_path / "run", "--recipe", "deit3", "--config",
+                         tmp_path / "cfg.json", "--epochs", "1", "--batch-size", "6", "-q")  # fmt: skip
+    assert rc == 0, err
+    rc, _, err = run_cli("push", tmp_path / "run", REPO, "--no-upload", "--out", tmp_path / "folder")
+    assert rc == 0, err
+    card = (tmp_path / "folder" / "README.md").read_text()
+    for words in (
+        "LAMB",
+        "3-Augment (one of grayscale, solarization, Gaussian blur, then colour jitter 0.3)",
+        "binary cross-entropy on binarized targets",
+        "| stochastic depth (drop path) | 0.05 in every block |",
+        "peak 0.004 (not scaled by the batch)",
+        "models_v2, LayerScale at 0.0001",
+    ):
+        assert words in card, words

@@ -502,7 +502,12 @@ def _training_procedure(model, run: RunRecord | None, pre) -> str:
     start = s.get("source")
     if isinstance(start, str) and start:
         if start.startswith("config"):
-            lines.append("Trained from scratch (random initialisation, timm's).")
+            init = (
+                f"the DeiT III release's models_v2, LayerScale at {model.config.layer_scale_init:g}"
+                if _is_deit3(model.config) and model.config.layer_scale_init is not None
+                else "timm's"
+            )
+            lines.append(f"Trained from scratch (random initialisation, {init}).")
         else:
             lines.append(f"Fine-tuned from `{_public(start)}`.")
         lines.append("")
