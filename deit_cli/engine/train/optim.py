@@ -89,9 +89,10 @@ class Lamb(torch.optim.Optimizer):
             torch._foreach_div_(update, denom)
             if group["weight_decay"]:
                 torch._foreach_add_(update, params, alpha=group["weight_decay"])
-                w_norm, u_norm = torch._foreach_norm(params), torch._foreach_norm(update)
-                ratios = [torch.where((w > 0) & (u > 0), w / u, torch.ones_like(w)) for w, u in zip(w_norm, u_norm)]
-                torch._foreach_mul_(update, ratios)
+                w = torch.stack(torch._foreach_norm(params))  # (tensors,)
+                u = torch.stack(torch._foreach_norm(update))
+                ratio = torch.where((w > 0) & (u > 0), w / u, torch.ones_like(w))
+                torch._foreach_mul_(update, list(ratio.unbind()))
             torch._foreach_add_(params, update, alpha=-group["lr"])
         return loss
 
