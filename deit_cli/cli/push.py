@@ -18,7 +18,7 @@ def push(
     ],
     repo_id: Annotated[str, typer.Argument(help="The hub repository to push to: owner/name (created if missing).")],
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Keep the folder (transformers layout and README.md) here.")
+        Path | None, typer.Option("--out", "-o", help="Keep the folder here (transformers layout, or timm's for a DeiT III, and README.md).")
     ] = None,
     no_upload: Annotated[
         bool, typer.Option("--no-upload", help="Write the folder (needs --out) and stop before uploading.")
@@ -37,7 +37,7 @@ def push(
 ) -> None:
     """Write SOURCE as a Hub model folder and upload it to REPO_ID in one commit.
 
-    The folder loads in transformers with no code of deit's (config.json with the labels, model.safetensors, preprocessor_config.json with the model's evaluation preprocessing) and holds a README.md model card: the architecture, how to use it and, for a `deit train` run, its training data, recipe and validation results (in the card's model-index too, which the Hub shows).
+    The folder loads in transformers with no code of deit's (config.json with the labels, model.safetensors, preprocessor_config.json with the model's evaluation preprocessing) and holds a README.md model card: the architecture, how to use it and, for a `deit train` run, its training data, recipe and validation results (in the card's model-index too, which the Hub shows). A DeiT III, which transformers has no class for, is written in timm's hub layout instead (config.json with pretrained_cfg, model.safetensors), which timm.create_model("hf-hub:...") loads.
 
     The token is the one huggingface_hub finds (HF_TOKEN, or `hf auth login`). Prints the repository URL (with --no-upload, the folder); --json prints a record. Exit codes: 2 a bad REPO_ID, or --no-upload without --out; 73 --out exists (add --force); 77 no token, or the hub refused it; 69 the hub unreachable.
     """
