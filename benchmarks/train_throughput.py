@@ -58,11 +58,20 @@ def deit_step_fn(student_name, teacher_name, student_sd, teacher_sd, amp_dtype, 
     model.to(device).train().requires_grad_(True)
     recipe = replace(PLAIN, lr=5e-4, weight_decay=0.05)
     stepper = Stepper(
-        TrainingHeads(model), model, Teacher(teacher_net, variant.preprocessing, None, fast),
+        TrainingHeads(model),
+        model,
+        Teacher(teacher_net, variant.preprocessing, None, fast),
         DistillationLoss(base_loss(soft_targets=False, smoothing=0.0), "hard", 0.5, 1.0),
-        build_optimizer(model, recipe, device), torch.amp.GradScaler(device.type, enabled=False), None,
-        Mixup(0, 0, 0.5, 0, 1000), device=device, amp_dtype=amp_dtype, grad_accum=1, clip_grad=None, world=1,
-    )  # fmt: skip
+        build_optimizer(model, recipe, device),
+        torch.amp.GradScaler(device.type, enabled=False),
+        None,
+        Mixup(0, 0, 0.5, 0, 1000),
+        device=device,
+        amp_dtype=amp_dtype,
+        grad_accum=1,
+        clip_grad=None,
+        world=1,
+    )
     count = [0]
 
     def step(x, y):

@@ -40,6 +40,29 @@ class Preprocessing:
     def resize_size(self) -> int:
         return int(self.image_size / self.crop_pct)
 
+    def to_dict(self) -> dict:
+        """Plain data (JSON, a checkpoint's weights-only pickle)."""
+        return {
+            "image_size": self.image_size,
+            "crop_pct": self.crop_pct,
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "resize_mode": self.resize_mode,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        """The inverse of `to_dict`; raises ValueError, TypeError or KeyError on bad data."""
+        return cls(
+            image_size=int(d["image_size"]),
+            crop_pct=float(d["crop_pct"]),
+            interpolation=str(d["interpolation"]),
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+            resize_mode=str(d.get("resize_mode", "shorter")),
+        )
+
 
 @dataclass(frozen=True)
 class Variant:

@@ -112,10 +112,28 @@ def main() -> int:
     make_set(Path("shapes"), {"train": 60, "val": 10}, args.seed)
     Path("arch.json").write_text(json.dumps(ARCH))
     rc = deit(
-        "train", "shapes", "-o", "run", "--config", "arch.json", "--recipe", "plain",
-        "--epochs", args.epochs, "--batch-size", 30, "--lr", "3e-3", "--warmup-epochs", 1,
-        "--seed", args.seed, "--device", "cpu", "--force",
-    )  # fmt: skip
+        "train",
+        "shapes",
+        "-o",
+        "run",
+        "--config",
+        "arch.json",
+        "--recipe",
+        "plain",
+        "--epochs",
+        args.epochs,
+        "--batch-size",
+        30,
+        "--lr",
+        "3e-3",
+        "--warmup-epochs",
+        1,
+        "--seed",
+        args.seed,
+        "--device",
+        "cpu",
+        "--force",
+    )
     if rc:
         return rc
     final = [json.loads(line) for line in Path("run/metrics.jsonl").read_text().splitlines()][-1]

@@ -82,7 +82,12 @@ def test_push_writes_timms_layout_and_timm_loads_it_from_the_hub(little, tmp_pat
     pre, ours = config["pretrained_cfg"], deit_cli.load_model(str(little))
     want = ours.preprocessing
     assert (pre["input_size"], pre["crop_pct"], pre["interpolation"], pre["mean"], pre["std"]) == (
-        [3, 64, 64], want.crop_pct, want.interpolation, list(want.mean), list(want.std))  # fmt: skip
+        [3, 64, 64],
+        want.crop_pct,
+        want.interpolation,
+        list(want.mean),
+        list(want.std),
+    )
     card = (out / "README.md").read_text()
     assert 'timm.create_model("hf-hub:someone/deit3-little", pretrained=True)' in card
     assert "library_name: timm" in card and "DeiT III" in card
@@ -108,8 +113,18 @@ def test_a_distilled_deit3_is_refused_in_one_line(tmp_path, run_cli):
     from deit_cli.config import DeiTConfig
     from deit_cli.model import DeiT
 
-    m = DeiT(DeiTConfig(image_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=2,
-                        layer_scale_init=1e-4, pos_embed_prefix=False))  # fmt: skip
+    m = DeiT(
+        DeiTConfig(
+            image_size=32,
+            patch_size=8,
+            embed_dim=32,
+            depth=1,
+            num_heads=2,
+            num_classes=2,
+            layer_scale_init=1e-4,
+            pos_embed_prefix=False,
+        )
+    )
     save_safetensors(tmp_path / "d.safetensors", m.state_dict(), deit_metadata(m))
     rc, _, err = run_cli("push", tmp_path / "d.safetensors", REPO, "--no-upload", "--out", tmp_path / "o")
     assert rc == 2 and "timm has no DeiT III with a distillation token" in err
@@ -123,11 +138,33 @@ def test_the_card_of_a_deit3_run_states_its_recipe(tmp_path, run_cpu, run_cli):
     from deit_cli.config import DeiTConfig
 
     make_set(tmp_path / "data", 3)
-    cfg = DeiTConfig(image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, distilled=False,
-                     num_classes=3, layer_scale_init=1e-4, pos_embed_prefix=False)  # fmt: skip
+    cfg = DeiTConfig(
+        image_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        distilled=False,
+        num_classes=3,
+        layer_scale_init=1e-4,
+        pos_embed_prefix=False,
+    )
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
-    rc, _, err = run_cpu("train", tmp_path / "data", "-o", tmp_path / "run", "--recipe", "deit3", "--config",
-                         tmp_path / "cfg.json", "--epochs", "1", "--batch-size", "6", "-q")  # fmt: skip
+    rc, _, err = run_cpu(
+        "train",
+        tmp_path / "data",
+        "-o",
+        tmp_path / "run",
+        "--recipe",
+        "deit3",
+        "--config",
+        tmp_path / "cfg.json",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "6",
+        "-q",
+    )
     assert rc == 0, err
     rc, _, err = run_cli("push", tmp_path / "run", REPO, "--no-upload", "--out", tmp_path / "folder")
     assert rc == 0, err

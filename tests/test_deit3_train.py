@@ -51,9 +51,15 @@ TINY3 = DeiTConfig(**ARCH, distilled=False, num_classes=3, layer_scale_init=LAYE
 def timm_deit3(cfg: DeiTConfig) -> VisionTransformer:
     """timm's deit3 architecture (VisionTransformer, no_embed_class, LayerScale) of `cfg`."""
     return VisionTransformer(
-        img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
-        num_heads=cfg.num_heads, num_classes=cfg.num_classes, no_embed_class=True, init_values=cfg.layer_scale_init,
-    )  # fmt: skip
+        img_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        num_classes=cfg.num_classes,
+        no_embed_class=True,
+        init_values=cfg.layer_scale_init,
+    )
 
 
 def release_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -210,8 +216,9 @@ def test_color_jitter_equals_torchvisions_on_the_same_draws():
 @pytest.mark.parametrize("size", [(53, 41), (41, 53), (40, 40)], ids=["wide", "tall", "square"])
 def test_the_simple_crop_equals_torchvisions_on_the_same_offsets(size):
     img = photo(3, size)
-    release = T.Compose([T.Resize(32, interpolation=T.InterpolationMode.BICUBIC),
-                         T.RandomCrop(32, padding=4, padding_mode="reflect")])  # fmt: skip
+    release = T.Compose(
+        [T.Resize(32, interpolation=T.InterpolationMode.BICUBIC), T.RandomCrop(32, padding=4, padding_mode="reflect")]
+    )
     for seed in range(5):
         torch.manual_seed(seed)
         want = release(img)
@@ -278,10 +285,20 @@ def test_one_deit3_step_equals_a_reference_step_from_timm():
     mixup = Mixup(recipe.mixup, recipe.cutmix, recipe.mixup_switch_prob, recipe.smoothing, 3)
     model.train()
     stepper = Stepper(
-        TrainingHeads(model), model, None, DistillationLoss(base_loss(soft_targets=True, smoothing=0.0, bce=True)),
-        build_optimizer(model, recipe, torch.device("cpu")), torch.amp.GradScaler("cpu", enabled=False), None, mixup,
-        device=torch.device("cpu"), amp_dtype=None, grad_accum=1, clip_grad=None, world=1,
-    )  # fmt: skip
+        TrainingHeads(model),
+        model,
+        None,
+        DistillationLoss(base_loss(soft_targets=True, smoothing=0.0, bce=True)),
+        build_optimizer(model, recipe, torch.device("cpu")),
+        torch.amp.GradScaler("cpu", enabled=False),
+        None,
+        mixup,
+        device=torch.device("cpu"),
+        amp_dtype=None,
+        grad_accum=1,
+        clip_grad=None,
+        world=1,
+    )
     stepper.step(x, y, 6, mix_seed=11, global_step=0)
 
     # the reference: the same mixed batch (Mixup's draws, proven against timm's in
@@ -349,8 +366,9 @@ def test_scratch_from_a_deit3_name_gets_the_releases_layer_scale(tmp_path):
     from deit_cli.engine.train.options import Events, TrainOptions
     from deit_cli.engine.train.student import build_student
 
-    opts = TrainOptions(data="x", run_dir=tmp_path, recipe=resolve_recipe("deit3", {}),
-                        model="deit3_small_patch16_224", scratch=True)  # fmt: skip
+    opts = TrainOptions(
+        data="x", run_dir=tmp_path, recipe=resolve_recipe("deit3", {}), model="deit3_small_patch16_224", scratch=True
+    )
     model = build_student(opts, ["a", "b"], Events())
     gammas = [p for n, p in model.named_parameters() if n.endswith("gamma")]
     assert len(gammas) == 24 and all(torch.all(g == 1e-4) for g in gammas)
@@ -375,9 +393,21 @@ def test_deit3_takes_the_releases_values_by_size(name, lr, drop_path, size):
     r = for_model(resolve_recipe("deit3", {}), cfg, scratch=True)
     assert (r.peak_lr(), r.drop_path, r.image_size or cfg.image_size) == (lr, drop_path, size)
     assert (r.epochs, r.batch_size, r.weight_decay, r.warmup_epochs, r.warmup_lr, r.min_lr) == (
-        800, 2048, 0.05, 5, 1e-6, 1e-5)  # fmt: skip
-    assert (r.optimizer, r.bce, r.three_augment, r.color_jitter, r.smoothing, r.reprob) == ("lamb", True, True, 0.3,
-                                                                                          0.0, 0.0)  # fmt: skip
+        800,
+        2048,
+        0.05,
+        5,
+        1e-6,
+        1e-5,
+    )
+    assert (r.optimizer, r.bce, r.three_augment, r.color_jitter, r.smoothing, r.reprob) == (
+        "lamb",
+        True,
+        True,
+        0.3,
+        0.0,
+        0.0,
+    )
     assert (r.mixup, r.cutmix, r.repeated_aug, r.drop_path_schedule, r.unscale_lr) == (0.8, 1.0, 3, "uniform", True)
     # the flags win; the lr is not scaled by the batch
     r = for_model(resolve_recipe("deit3", {"lr": 1e-3, "drop_path": 0.1, "batch_size": 256}), cfg, scratch=True)
@@ -390,11 +420,30 @@ def test_deit3_takes_the_releases_values_by_size(name, lr, drop_path, size):
 def test_deit3_finetune_is_the_releases_command():
     r = resolve_recipe("deit3-finetune", {})
     assert (r.epochs, r.batch_size, r.peak_lr(), r.weight_decay, r.smoothing, r.rand_augment) == (
-        20, 512, 1e-5, 0.1, 0.1, "rand-m9-mstd0.5-inc1")  # fmt: skip
+        20,
+        512,
+        1e-5,
+        0.1,
+        0.1,
+        "rand-m9-mstd0.5-inc1",
+    )
     assert (r.optimizer, r.three_augment, r.bce, r.repeated_aug, r.reprob, r.warmup_epochs) == (
-        "adamw", False, False, 1, 0.0, 5)  # fmt: skip
-    sized = {n: for_model(r, find_variant(n).config, scratch=False).drop_path for n in (
-        "deit3_small_patch16_384", "deit3_base_patch16_224", "deit3_large_patch16_224", "deit3_huge_patch14_224")}  # fmt: skip
+        "adamw",
+        False,
+        False,
+        1,
+        0.0,
+        5,
+    )
+    sized = {
+        n: for_model(r, find_variant(n).config, scratch=False).drop_path
+        for n in (
+            "deit3_small_patch16_384",
+            "deit3_base_patch16_224",
+            "deit3_large_patch16_224",
+            "deit3_huge_patch14_224",
+        )
+    }
     assert list(sized.values()) == [0.0, 0.2, 0.45, 0.55]
     assert set(SIZES) == {"deit3", "deit3-finetune"}
 
@@ -419,8 +468,21 @@ def test_deit3_trains_from_scratch_then_fine_tunes(tmp_path, run_cpu):
     data = make_set(tmp_path / "data", 4, 2)
     cfg = tmp_path / "deit3.json"
     cfg.write_text(json.dumps(TINY3.to_dict()))
-    rc, out, err = run_cpu("train", data, "-o", tmp_path / "run", "--recipe", "deit3", "--config", cfg,
-                           "--epochs", "1", "--batch-size", "6", "--json")  # fmt: skip
+    rc, out, err = run_cpu(
+        "train",
+        data,
+        "-o",
+        tmp_path / "run",
+        "--recipe",
+        "deit3",
+        "--config",
+        cfg,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "6",
+        "--json",
+    )
     assert rc == 0, err
     summary = json.loads(out)
     assert summary["recipe"] == "deit3" and all(math.isfinite(r["train_loss"]) for r in records(tmp_path / "run"))
@@ -438,7 +500,20 @@ def test_deit3_trains_from_scratch_then_fine_tunes(tmp_path, run_cpu):
     rc, _, err = run_cpu("train", data, "-o", tmp_path / "run", "--resume", "--epochs", "2", "-q")
     assert rc == 0, err
     assert len(records(tmp_path / "run")) == 2
-    rc, out, err = run_cpu("train", data, "-o", tmp_path / "ft", "--recipe", "deit3-finetune", "-m",
-                           tmp_path / "run" / "model.safetensors", "--epochs", "1", "--batch-size", "6", "--json")  # fmt: skip
+    rc, out, err = run_cpu(
+        "train",
+        data,
+        "-o",
+        tmp_path / "ft",
+        "--recipe",
+        "deit3-finetune",
+        "-m",
+        tmp_path / "run" / "model.safetensors",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "6",
+        "--json",
+    )
     assert rc == 0, err
     assert json.loads(out)["recipe"] == "deit3-finetune"

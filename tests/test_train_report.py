@@ -63,10 +63,33 @@ def test_the_events_hold_each_logged_step_and_metrics_jsonl_value_for_value(tmp_
     cfg = config_file(tmp_path / "cfg.json", num_classes=3)
     run = tmp_path / "run"
     rc, _, err = run_cpu(
-        "train", data, "-o", run, "--config", cfg, "--recipe", "plain", "--epochs", "2", "--batch-size", "2",
-        "--val-split", "0.34", "--model-ema", "--model-ema-decay", "0.9", "--device", "cpu", "--workers", "0",
-        "--log-every", "4", "--report-to", "tensorboard", "-q",
-    )  # fmt: skip
+        "train",
+        data,
+        "-o",
+        run,
+        "--config",
+        cfg,
+        "--recipe",
+        "plain",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "2",
+        "--val-split",
+        "0.34",
+        "--model-ema",
+        "--model-ema-decay",
+        "0.9",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--log-every",
+        "4",
+        "--report-to",
+        "tensorboard",
+        "-q",
+    )
     assert rc == 0, err
     assert [p.name.startswith("events.out.tfevents.") for p in (run / "tensorboard").iterdir()] == [True]
     got, recs = scalars(run), records(run)
@@ -105,10 +128,16 @@ def test_a_crash_resumes_the_curves_without_a_repeated_or_lost_step(tmp_path):
 
     def opts(run: Path, **kw) -> TrainOptions:
         return TrainOptions(
-            data=str(data), run_dir=run, recipe=resolve_recipe("plain", {"batch_size": 2, "epochs": 2}),
-            scratch=True, config=DeiTConfig(**ARCH, distilled=False, num_classes=3), device="cpu", workers=0,
-            log_every=4, **kw,
-        )  # fmt: skip
+            data=str(data),
+            run_dir=run,
+            recipe=resolve_recipe("plain", {"batch_size": 2, "epochs": 2}),
+            scratch=True,
+            config=DeiTConfig(**ARCH, distilled=False, num_classes=3),
+            device="cpu",
+            workers=0,
+            log_every=4,
+            **kw,
+        )
 
     train_loop.train(opts(tmp_path / "whole", report_to="tensorboard"))
     cut = tmp_path / "cut"
@@ -129,10 +158,30 @@ def test_a_run_resumed_after_a_real_ctrl_c_draws_the_uninterrupted_curves(tmp_pa
 
     def args(run: Path) -> list:
         return [
-            "train", data, "-o", run, "--config", cfg, "--recipe", "plain", "--epochs", "3", "--batch-size", "4",
-            "--lr", "1e-3", "--model-ema", "--model-ema-decay", "0.9", "--device", "cpu", "--workers", "0",
-            "--log-every", "4",
-        ]  # fmt: skip
+            "train",
+            data,
+            "-o",
+            run,
+            "--config",
+            cfg,
+            "--recipe",
+            "plain",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-3",
+            "--model-ema",
+            "--model-ema-decay",
+            "0.9",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--log-every",
+            "4",
+        ]
 
     rc, _, err = run_cli(*args(tmp_path / "whole"), "--report-to", "tensorboard", "-q")
     assert rc == 0, err
@@ -170,9 +219,26 @@ def test_under_torchrun_rank_0_writes_the_one_process_curves(tmp_path, run_cli):
     data = make_set(tmp_path / "data", 2)  # 6 images, batches of 2: 3 steps an epoch
     cfg = config_file(tmp_path / "cfg.json", num_classes=3)
     args = [
-        "train", data, "--config", cfg, "--recipe", "plain", "--epochs", "2", "--batch-size", "2", "--lr", "1e-3",
-        "--device", "cpu", "--log-every", "2", "--report-to", "tensorboard", "-q",
-    ]  # fmt: skip
+        "train",
+        data,
+        "--config",
+        cfg,
+        "--recipe",
+        "plain",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--device",
+        "cpu",
+        "--log-every",
+        "2",
+        "--report-to",
+        "tensorboard",
+        "-q",
+    ]
     rc, _, err = run_cli(*args, "-o", tmp_path / "one")
     assert rc == 0, err
     proc = torchrun(*args, "-o", tmp_path / "two", cwd=tmp_path)
@@ -196,8 +262,12 @@ def test_without_tensorboard_one_line_and_exit_69_before_any_work(tmp_path, run_
     def without_tensorboard(*more) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "-c", code, *map(str, args), *more],
-            check=False, capture_output=True, text=True, env=subprocess_env(), timeout=120,
-        )  # fmt: skip
+            check=False,
+            capture_output=True,
+            text=True,
+            env=subprocess_env(),
+            timeout=120,
+        )
 
     line = (
         "error: --report-to tensorboard needs the tensorboard extra (tensorboard is not installed) "

@@ -36,9 +36,30 @@ TWO = {"horizontal": CLASSES["horizontal"], "vertical": CLASSES["vertical"]}
 
 def _mixup_args(data: Path, run: Path, cfg: Path, batch: int) -> list:
     return [
-        "train", data, "-o", run, "--config", cfg, "--recipe", "plain", "--mixup", "0.8", "--smoothing", "0.1",
-        "--batch-size", str(batch), "--epochs", "1", "--lr", "1e-12", "--device", "cpu", "--workers", "0", "-q",
-    ]  # fmt: skip
+        "train",
+        data,
+        "-o",
+        run,
+        "--config",
+        cfg,
+        "--recipe",
+        "plain",
+        "--mixup",
+        "0.8",
+        "--smoothing",
+        "0.1",
+        "--batch-size",
+        str(batch),
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-12",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "-q",
+    ]
 
 
 def _reference_mixup_loss(data: Path) -> float:
@@ -76,9 +97,24 @@ def test_the_raw_model_is_saved_and_the_ema_beside_it(tmp_path, run_cpu):
     data = make_set(tmp_path / "data", 6)
     cfg = config_file(tmp_path / "cfg.json", num_classes=3)
     rc, _, err = run_cpu(
-        "train", data, "-o", tmp_path / "run", "--config", cfg, "--recipe", "plain", "--epochs", "2",
-        "--batch-size", "6", "--val-split", "0.34", "--model-ema", "--model-ema-decay", "0.9",
-    )  # fmt: skip
+        "train",
+        data,
+        "-o",
+        tmp_path / "run",
+        "--config",
+        cfg,
+        "--recipe",
+        "plain",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "6",
+        "--val-split",
+        "0.34",
+        "--model-ema",
+        "--model-ema-decay",
+        "0.9",
+    )
     assert rc == 0, err
     run = tmp_path / "run"
     ckpt = read_run_checkpoint(run / "checkpoint.pt")
@@ -95,9 +131,22 @@ def test_the_ema_note_says_how_much_of_the_init_remains(tmp_path, run_cpu):
     data = make_set(tmp_path / "data", 4)
     cfg = config_file(tmp_path / "cfg.json", num_classes=3)
     rc, _, err = run_cpu(
-        "train", data, "-o", tmp_path / "run", "--config", cfg, "--recipe", "plain", "--epochs", "1",
-        "--batch-size", "4", "--model-ema", "--model-ema-decay", "0.99996",
-    )  # fmt: skip
+        "train",
+        data,
+        "-o",
+        tmp_path / "run",
+        "--config",
+        cfg,
+        "--recipe",
+        "plain",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--model-ema",
+        "--model-ema-decay",
+        "0.99996",
+    )
     assert rc == 0, err
     note = [line for line in err.splitlines() if "EMA" in line]
     assert len(note) == 1 and "100% of the initial weights" in note[0] and "--model-ema-decay" in note[0]
@@ -166,10 +215,15 @@ class _CrashAt(Events):
 def test_checkpoint_every_saves_mid_epoch(tmp_path):
     data = make_set(tmp_path / "data", 4)
     opts = TrainOptions(
-        data=str(data), run_dir=tmp_path / "run", recipe=resolve_recipe("plain", {"batch_size": 2, "epochs": 1}),
-        scratch=True, config=DeiTConfig(**ARCH, distilled=False, num_classes=3), device="cpu", workers=0,
+        data=str(data),
+        run_dir=tmp_path / "run",
+        recipe=resolve_recipe("plain", {"batch_size": 2, "epochs": 1}),
+        scratch=True,
+        config=DeiTConfig(**ARCH, distilled=False, num_classes=3),
+        device="cpu",
+        workers=0,
         checkpoint_every=1e-9,
-    )  # fmt: skip
+    )
     with pytest.raises(RuntimeError, match="the node died"):
         train_loop.train(opts, _CrashAt(3))
     ckpt = read_run_checkpoint(tmp_path / "run" / "checkpoint.pt")
@@ -179,10 +233,15 @@ def test_checkpoint_every_saves_mid_epoch(tmp_path):
 def test_one_process_reads_the_device_once_per_log_window(tmp_path, monkeypatch):
     data = make_set(tmp_path / "data", 8)  # 24 images, batch 2: 12 steps
     opts = TrainOptions(
-        data=str(data), run_dir=tmp_path / "run", recipe=resolve_recipe("plain", {"batch_size": 2, "epochs": 1}),
-        scratch=True, config=DeiTConfig(**ARCH, distilled=False, num_classes=3), device="cpu", workers=0,
+        data=str(data),
+        run_dir=tmp_path / "run",
+        recipe=resolve_recipe("plain", {"batch_size": 2, "epochs": 1}),
+        scratch=True,
+        config=DeiTConfig(**ARCH, distilled=False, num_classes=3),
+        device="cpu",
+        workers=0,
         log_every=4,
-    )  # fmt: skip
+    )
     reads = []
     steps = []
 
@@ -279,8 +338,22 @@ def test_a_nan_on_one_rank_stops_both_without_a_hang(tmp_path):
         m.patch_embed.proj.weight.fill_(1e18)
         m.patch_embed.proj.bias.zero_()
     student = save_model(tmp_path / "big.safetensors", m, ["black", "grey"])
-    args = ["train", data, "-o", tmp_path / "run", "-m", student, "--recipe", "plain", "--batch-size", "2",
-            "--epochs", "1", "--device", "cpu"]  # fmt: skip
+    args = [
+        "train",
+        data,
+        "-o",
+        tmp_path / "run",
+        "-m",
+        student,
+        "--recipe",
+        "plain",
+        "--batch-size",
+        "2",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+    ]
     proc = torchrun(*args, cwd=tmp_path, timeout=120)
     assert proc.returncode != 0 and "timed out" not in proc.stderr, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if "loss is" in line]
@@ -333,20 +406,63 @@ def test_the_hires_recipe_fine_tunes_at_384(tmp_path, run_cpu):
 
     recipe = resolve_recipe("hires", {})
     assert (recipe.epochs, recipe.batch_size, recipe.peak_lr(), recipe.min_lr, recipe.weight_decay) == (
-        30, 512, 5e-6, 5e-6, 1e-8,
-    )  # fmt: skip
+        30,
+        512,
+        5e-6,
+        5e-6,
+        1e-8,
+    )
     assert recipe.rand_augment == "rand-m9-mstd0.5-inc1" and (recipe.mixup, recipe.cutmix) == (0.8, 1.0)
     source = tiny_model(tmp_path / "tiny.safetensors", distilled=False)
     opts = TrainOptions(data="", run_dir=tmp_path / "run", recipe=recipe, model=str(source))
     assert build_student(opts, sorted(CLASSES), Events()).config.image_size == 384
     data = make_set(tmp_path / "data", 2)
     rc, out, err = run_cpu(
-        "train", data, "-o", tmp_path / "run", "-m", source, "--recipe", "hires", "--image-size", "40",
-        "--epochs", "1", "--batch-size", "6", "--json",
-    )  # fmt: skip
+        "train",
+        data,
+        "-o",
+        tmp_path / "run",
+        "-m",
+        source,
+        "--recipe",
+        "hires",
+        "--image-size",
+        "40",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "6",
+        "--json",
+    )
     assert rc == 0, err
     import json
 
     summary = json.loads(out)
     assert summary["recipe"] == "hires"
     assert load_weights(tmp_path / "run" / "model.safetensors")["pos_embed"].shape[1] == 1 + 25  # 40 px, patch 8
+
+
+def test_the_saved_model_keeps_the_evaluation_transform_it_was_validated_with(tmp_path, run_cpu):
+    import deit_cli
+
+    data = make_set(tmp_path / "data", 4)
+    cfg = config_file(tmp_path / "cfg.json", num_classes=3)
+    rc, _, err = run_cpu(
+        "train",
+        data,
+        "-o",
+        tmp_path / "run",
+        "--config",
+        cfg,
+        "--recipe",
+        "plain",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--eval-crop-ratio",
+        "0.95",
+    )
+    assert rc == 0, err
+    for name in ("model.safetensors", "best.safetensors"):
+        assert deit_cli.load_model(str(tmp_path / "run" / name)).preprocessing.crop_pct == 0.95

@@ -24,6 +24,7 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 META_CONFIG, META_LABELS, META_SOURCE = "deit.config", "deit.labels", "deit.source"
 # A multi-label model ("true") and the score at or above which a label is predicted.
 META_MULTI_LABEL, META_THRESHOLD = "deit.multi_label", "deit.threshold"
+META_PREPROCESSING = "deit.preprocessing"  # the evaluation transform the model was trained and validated with
 HF_MULTI_LABEL = "multi_label_classification"  # transformers' config.json `problem_type`
 HF_THRESHOLD = "deit_threshold"  # our key in a transformers config.json (transformers keeps it)
 DEFAULT_THRESHOLD = 0.5
@@ -131,13 +132,25 @@ def read_checkpoint(source: str = DEFAULT_MODEL) -> Checkpoint:
     )
     if len(labels) != config.num_classes:
         raise CheckpointError(f"{weights}: {len(labels)} labels for {config.num_classes} classes")
-    preprocessing = None if variant else _timm_preprocessing(timm_cfg, config_path)
+    preprocessing = _saved_preprocessing(metadata, weights) or (
+        None if variant else _timm_preprocessing(timm_cfg, config_path)
+    )
     variant = variant or variant_for_config(config)
     origin = metadata.get(META_SOURCE) or source
     multi_label, threshold = _multi_label(metadata, hf_cfg, weights)
     return Checkpoint(
         sd, config, labels, layout, source, weights, variant, origin, multi_label, threshold, preprocessing
     )
+
+
+def _saved_preprocessing(metadata: dict[str, str], weights: Path) -> Preprocessing | None:
+    """The evaluation transform our own metadata states (what `deit train` validated with)."""
+    if META_PREPROCESSING not in metadata:
+        return None
+    try:
+        return Preprocessing.from_dict(json.loads(metadata[META_PREPROCESSING]))
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{weights}: bad deit.preprocessing metadata ({e})") from None
 
 
 def _timm_preprocessing(cfg: dict, path: Path | None) -> Preprocessing | None:

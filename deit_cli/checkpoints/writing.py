@@ -23,6 +23,7 @@ from .loading import (
     META_CONFIG,
     META_LABELS,
     META_MULTI_LABEL,
+    META_PREPROCESSING,
     META_SOURCE,
     META_THRESHOLD,
     DeiTWarning,
@@ -66,14 +67,17 @@ def canonical_tensors(model: DeiT, dtype: torch.dtype) -> dict[str, torch.Tensor
 
 
 def deit_metadata(model: DeiT) -> dict[str, str]:
-    """Our safetensors metadata: the config, labels, source and, for a multi-label model,
-    that it is one and its threshold."""
+    """Our safetensors metadata: the config, labels, source, the evaluation transform and,
+    for a multi-label model, that it is one and its threshold."""
     meta = {
         "format": "pt",
         META_CONFIG: json.dumps(model.config.to_dict()),
         META_LABELS: json.dumps(model.labels),
         META_SOURCE: str(getattr(model, "origin", None) or model.source),
     }
+    pre = getattr(model, "preprocessing", None)
+    if pre is not None:
+        meta[META_PREPROCESSING] = json.dumps(pre.to_dict())
     if getattr(model, "multi_label", False):
         meta[META_MULTI_LABEL] = "true"
         meta[META_THRESHOLD] = repr(float(model.threshold))

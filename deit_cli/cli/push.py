@@ -18,7 +18,10 @@ def push(
     ],
     repo_id: Annotated[str, typer.Argument(help="The hub repository to push to: owner/name (created if missing).")],
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Keep the folder here (transformers layout, or timm's for a DeiT III, and README.md).")
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Keep the folder here (transformers layout, or timm's for a DeiT III, and README.md)."
+        ),
     ] = None,
     no_upload: Annotated[
         bool, typer.Option("--no-upload", help="Write the folder (needs --out) and stop before uploading.")

@@ -49,7 +49,6 @@ from .recipes import for_model
 from .report import Report, open_report
 from .run_dir import (
     create_run_dir,
-    plain_preprocessing,
     prepare_run_dir,
     read_metrics,
     read_run_checkpoint,
@@ -274,7 +273,7 @@ def _resumed_student(ckpt: dict, classes: list[str]) -> DeiT:
     model = DeiT(DeiTConfig.from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     pre = ckpt["preprocessing"]
-    model.preprocessing = Preprocessing(**{**pre, "mean": tuple(pre["mean"]), "std": tuple(pre["std"])})
+    model.preprocessing = Preprocessing.from_dict(pre)
     model.labels, model.source, model.origin = list(classes), ckpt["source"], ckpt["source"]
     model.variant = variant_for_config(model.config)
     return model
@@ -367,7 +366,7 @@ def _save_checkpoint(run: Run) -> None:
             "model": m.state_dict(),
             "config": m.config.to_dict(),
             "classes": run.sets.train.classes,
-            "preprocessing": plain_preprocessing(m.preprocessing),
+            "preprocessing": m.preprocessing.to_dict(),
             "source": m.origin or "",
             "optimizer": run.stepper.optimizer.state_dict(),
             "scaler": run.stepper.scaler.state_dict(),

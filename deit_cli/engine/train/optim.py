@@ -43,8 +43,15 @@ class Lamb(torch.optim.Optimizer):
     norm is 0); a group without weight decay takes the plain Adam update (no trust ratio: apex's
     `use_nvlamb=False`). w ← w − lr·update."""
 
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 max_grad_norm: float | None = 1.0):  # fmt: skip
+    def __init__(
+        self,
+        params,
+        lr: float,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = 1.0,
+    ):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.max_grad_norm = max_grad_norm
 
@@ -101,8 +108,13 @@ def build_optimizer(model: DeiT, recipe: Recipe, device: torch.device) -> torch.
     if recipe.optimizer == "lamb":
         # eps 1e-8 and the global norm clipped to 1 inside the step: apex FusedLAMB's, which the
         # release ran (timm's Lamb defaults to eps 1e-6)
-        return Lamb(param_groups(model, recipe.weight_decay), lr=recipe.peak_lr(), betas=recipe.betas,
-                    eps=recipe.opt_eps, max_grad_norm=1.0)  # fmt: skip
+        return Lamb(
+            param_groups(model, recipe.weight_decay),
+            lr=recipe.peak_lr(),
+            betas=recipe.betas,
+            eps=recipe.opt_eps,
+            max_grad_norm=1.0,
+        )
     fused = device.type in ("cpu", "cuda")  # one kernel per step for all parameters
     return torch.optim.AdamW(
         param_groups(model, recipe.weight_decay),

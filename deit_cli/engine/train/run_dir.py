@@ -21,14 +21,12 @@ from ... import distributed
 from ...errors import CheckpointError, InputNotFound, OutputExists
 from ...files import atomic_path
 from ...model import DeiT
-from ...variants import Preprocessing
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "META_RUN",
     "RUN_FILES",
     "create_run_dir",
-    "plain_preprocessing",
     "prepare_run_dir",
     "read_metrics",
     "read_run_checkpoint",
@@ -136,14 +134,3 @@ def read_metrics(path: Path, before_epoch: int) -> list[dict]:
         return []
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [r for r in records if r.get("epoch", 0) <= before_epoch]
-
-
-def plain_preprocessing(pre: Preprocessing) -> dict:
-    return {
-        "image_size": pre.image_size,
-        "crop_pct": pre.crop_pct,
-        "interpolation": pre.interpolation,
-        "mean": list(pre.mean),
-        "std": list(pre.std),
-        "resize_mode": pre.resize_mode,
-    }
