@@ -10,7 +10,17 @@ import typer
 
 from ..errors import UsageError
 from . import output
-from .options import DEFAULT_MODEL_NAME, BatchListOpt, DeviceOpt, FormatOpt, JsonOpt, ModelOpt, QuietOpt
+from .options import (
+    DEFAULT_MODEL_NAME,
+    Backend,
+    BackendOpt,
+    BatchListOpt,
+    DeviceOpt,
+    FormatOpt,
+    JsonOpt,
+    ModelOpt,
+    QuietOpt,
+)
 
 CSV_FIELDS = [
     "model",
@@ -68,7 +78,11 @@ SecondsOpt = Annotated[
 ]
 RepsOpt = Annotated[int, typer.Option("--reps", min=1, help="Repetitions; the median is reported, with the spread.")]
 CompareOpt = Annotated[
-    str | None, typer.Option("--compare", help="Also run peers on the same weights, interleaved: timm, transformers.")
+    str | None,
+    typer.Option(
+        "--compare",
+        help="Also run peers on the same weights, interleaved: timm, transformers, onnxruntime (a comma list).",
+    ),
 ]
 EndToEndOpt = Annotated[
     Path | None,
@@ -96,6 +110,7 @@ def bench(
     batch: BatchListOpt = "1,32",
     dtype: BenchDtypeOpt = "fp32",
     compile_: CompileOpt = False,
+    backend: BackendOpt = Backend.auto,
     threads: ThreadsOpt = None,
     warmup: WarmupOpt = 3,
     iters: ItersOpt = None,
@@ -143,6 +158,7 @@ def bench(
         workers=workers,
         peak_tflops=peak_tflops,
         image_size=image_size,
+        backend=backend.value,
     )
     note = (lambda _m: None) if quiet else output.warn
     progress = not quiet and output.show_progress()

@@ -40,6 +40,7 @@ class ServedModel:
         device: str = "cpu",
         dtype: str | None = None,
         compile: bool = False,
+        backend: str = "auto",
         head: str | None = None,
         options: ImageOptions = ImageOptions(),
         max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -57,7 +58,7 @@ class ServedModel:
         self.options = options
         self.max_pixels = max_pixels
         self.transform = eval_transform(model.preprocessing, crop_pct=options.crop_pct, resize_mode=options.resize_mode)
-        self.runner = prepare(model, device=device, dtype=dtype, compile=compile)
+        self.runner = prepare(model, device=device, dtype=dtype, compile=compile, backend=backend)
         # Paths that specialise on the input shape (a CUDA graph or a compiled graph per batch
         # size) get batches padded up to a few sizes, fixed by warm_up: a server's batch
         # sizes vary with its load, and capturing or compiling one at request time costs more
