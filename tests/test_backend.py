@@ -198,3 +198,22 @@ def test_help_shows_the_flag_without_importing_torch_or_onnxruntime():
         )
         assert p.returncode == 0 and "--backend" in p.stdout
         assert p.stderr.strip().endswith("[]")
+
+
+def test_serve_auto_picks_a_backend_per_batch_size_with_the_same_answers(model_path):
+    from deit_cli.engine.serve import ServedModel
+
+    model = deit_cli.load_model(str(model_path))
+    auto = ServedModel(model, device="cpu", backend="auto")
+    plain = ServedModel(model, device="cpu", backend="torch")
+    auto.warm_up(max_batch_size=4)
+    plain.warm_up(max_batch_size=4)
+    assert set(auto.choice) == {1, 4} and set(auto.choice.values()) <= {"torch", "onnxruntime"}
+    assert plain.choice == {}
+    S = model.config.image_size
+    for n in (1, 3, 4):
+        x = list(images(n, S, seed=n))
+        for name in ("torch", "onnxruntime"):  # whichever was measured faster, the answers agree
+            auto.choice = dict.fromkeys(auto.choice, name)
+            got = auto.probabilities(x)
+            assert abs(got - plain.probabilities(x)).max() <= 1e-4

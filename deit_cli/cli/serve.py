@@ -179,9 +179,12 @@ def serve(
 
         def ready() -> None:
             runner = served.runner
+            path = runner.path
+            if served.choice:  # --backend auto: what warm-up measured fastest, per batch size
+                path += " or onnxruntime, by batch size: " + ", ".join(f"{n}: {b}" for n, b in served.choice.items())
             output.info(
                 f"serving {net.source} as {settings.name!r} on {where} ({runner.device}, "
-                f"{str(runner.dtype).removeprefix('torch.')}, {runner.path}; "
+                f"{str(runner.dtype).removeprefix('torch.')}, {path}; "
                 f"batches of up to {settings.max_batch_size})"
             )
             if insecure and settings.api_key is None and not is_loopback(host):
