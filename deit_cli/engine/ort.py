@@ -23,6 +23,7 @@ import copy
 import hashlib
 import json
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -72,11 +73,16 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def _importable(name: str) -> bool:
+    """Whether `import name` would find it, without importing it (onnxscript is slow to
+    import, and a cached graph never needs it)."""
+    import importlib.util
+
+    if name in sys.modules:
+        return sys.modules[name] is not None  # None: imports of it fail
     try:
-        __import__(name)
-    except ImportError:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
         return False
-    return True
 
 
 def cache_dir() -> Path:
@@ -100,7 +106,8 @@ def weights_digest(model: DeiT) -> str:
 
 def graph_key(model: DeiT, spec: GraphSpec, *, opset: int = DEFAULT_OPSET, digest: str | None = None) -> str:
     """The cache key: a hash of everything the graph depends on."""
-    import onnx
+    from importlib.metadata import version
+
     import onnxruntime
 
     cfg = model.config
@@ -109,7 +116,7 @@ def graph_key(model: DeiT, spec: GraphSpec, *, opset: int = DEFAULT_OPSET, diges
         "input": ["batch", cfg.in_chans, cfg.image_size, cfg.image_size],
         "spec": [spec.output, spec.head, spec.pool, spec.dtype],
         "opset": opset,
-        "versions": [torch.__version__, onnx.__version__, onnxruntime.__version__, __version__],
+        "versions": [torch.__version__, version("onnx"), onnxruntime.__version__, __version__],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 

@@ -18,10 +18,9 @@ answer to 1e-4. Embeddings always run on torch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import statistics
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -133,7 +132,7 @@ class ServedModel:
             return self.runner
         size = next((b for b in sorted(self.choice) if b >= n), max(self.choice))
         name = self.choice[size]
-        return self.others[name] if name in self.others else self.runner
+        return self.others.get(name, self.runner)
 
     def embeddings(
         self, images: Sequence[torch.Tensor], pools: Sequence[str], normalize: Sequence[bool]
