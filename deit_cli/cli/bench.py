@@ -1,5 +1,5 @@
-"""`deit bench`: throughput, latency and memory, optionally side by side with timm and
-transformers (same weights, batch, dtype and device, interleaved round by round)."""
+"""`deit bench`: throughput, latency and memory, optionally side by side with timm,
+transformers and onnxruntime (same weights, batch, dtype and device, interleaved round by round)."""
 
 from __future__ import annotations
 
@@ -129,8 +129,9 @@ def bench(
     """Benchmark the model: images/s, latency percentiles, peak memory, TFLOP/s.
 
     Warm-up is excluded, CUDA is timed with events, every row is the median of --reps
-    repetitions (with min..max). With --compare, timm and transformers run the same weights
-    interleaved with deit, and each row shows deit's speed-up over it. A table on a
+    repetitions (with min..max). With --compare, timm, transformers and onnxruntime (the graph
+    `deit export` writes, cached) run the same weights interleaved with deit, and each row
+    shows deit's speed-up over it. --backend onnxruntime runs deit itself on that graph. A table on a
     terminal; when piped, one JSON record per row as each is measured.
     """
     from ..engine.bench import BenchSpec, parse_batches, parse_compare, run_bench

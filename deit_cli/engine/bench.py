@@ -1,5 +1,5 @@
-"""Benchmarks: throughput, latency and memory of the shared core, side by side with timm
-and transformers. No terminal here: `run_bench` yields `BenchRow`s, the CLI renders them.
+"""Benchmarks: throughput, latency and memory of the shared core, side by side with timm,
+transformers and ONNX Runtime (engine.peers). No terminal here: `run_bench` yields `BenchRow`s, the CLI renders them.
 
     for row in run_bench(BenchSpec(model="deit-tiny-distilled", random_init=True, batches=(1, 32))):
         print(row.batch, row.images_per_s)

@@ -20,6 +20,8 @@ tests/test_accel.py):
   shape (a small model is otherwise bound by kernel launches).
 - compile=True: torch.compile (inductor; on CPU with weight freezing, on CUDA with its
   CUDA graphs). On CUDA the fastest path; on a 2-core CPU the oneDNN path beats it.
+- backend="onnxruntime": the graph `deit export` writes, cached on disk and checked on
+  every load (engine.ort; CPU, fp32).
 
 `prepare` never changes the model it is given.
 """
