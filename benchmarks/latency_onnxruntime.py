@@ -2,11 +2,12 @@
 runner (engine.runner.prepare) on the same weights, at batch 1 and 32.
 
     python benchmarks/latency_onnxruntime.py [--model deit-tiny-distilled] [--batch 1,32]
-        [--rounds 7] [--iters 20,3] [--dtype fp32] [--opset 18] [--threads N]
+        [--rounds 7] [--iters 20,3] [--threads N]
 
 Needs the onnx extra (`pip install 'deit-cli[onnx]'`). Weights are the registry variant's
-architecture with seeded random weights (nothing is downloaded); the graph is exported
-and checked exactly as `deit export` does it. The two run interleaved, round by round, in
+architecture with seeded random weights (nothing is downloaded); the graph is the one
+`--backend onnxruntime` runs (engine.ort: exported and checked exactly as `deit export` does
+it, cached, checked again on load). `deit bench --compare onnxruntime` measures the same. The two run interleaved, round by round, in
 one process, with the same thread count; reported: the median over rounds of each
 round's median latency, the spread over rounds, and onnxruntime / deit.
 """
@@ -14,10 +15,9 @@ round's median latency, the spread over rounds, and onnxruntime / deit.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -28,14 +28,13 @@ def main() -> None:
     ap.add_argument("--batch", default="1,32", help="comma list of batch sizes")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iters", default="20,3", help="calls per round, per batch size (the last repeats)")
-    ap.add_argument("--dtype", default="fp32", help="the exported graph's dtype: fp32 or fp16 (deit's runner: fp32)")
-    ap.add_argument("--opset", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads for both (default: torch's)")
     args = ap.parse_args()
     import onnxruntime as ort
 
     from deit_cli.checkpoints import random_model
-    from deit_cli.engine.export import INPUT_NAME, export_model
+    from deit_cli.engine import ort as backend
+    from deit_cli.engine.export import INPUT_NAME, GraphSpec
     from deit_cli.engine.runner import prepare
 
     if args.threads:
@@ -46,19 +45,16 @@ def main() -> None:
     iters += [iters[-1]] * (len(batches) - len(iters))
 
     model = random_model(args.model)
-    path = Path(tempfile.mkdtemp()) / "deit.onnx"
     t = time.perf_counter()
-    result = export_model(model, path, dtype=args.dtype, opset=args.opset)
-    export_s = time.perf_counter() - t
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    exported = backend.stats["exported"]
+    session = backend.OnnxRuntimeModel(model, threads=threads).session(GraphSpec("logits", "avg", None, "fp32"))
+    how = "exported and checked" if backend.stats["exported"] > exported else "read from the cache and checked"
+    load_s = time.perf_counter() - t
     runner = prepare(model, device="cpu", dtype="fp32")
     print(
-        f"{args.model} (random weights), CPU, {threads} threads; graph: opset {result.opset}, {result.dtype}, "
-        f"exported and checked in {export_s:.1f} s (max |diff| {result.max_abs_diff:.2e}); "
-        f"onnxruntime {ort.__version__}, torch {torch.__version__}; deit path {runner.path}"
+        f"{args.model} (random weights), CPU, {threads} threads; graph: fp32, {how} in {load_s:.1f} s "
+        f"({backend.cache_dir()}); onnxruntime {ort.__version__}, torch {torch.__version__}; deit path {runner.path}; "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
 
     g = torch.Generator().manual_seed(0)

@@ -5,13 +5,16 @@ image-classification pipeline behind FastAPI, one request at a time.
 
     python benchmarks/serve_load.py [--requests 128] [--concurrency 1,8,32] [--reps 3] [--naive]
     python benchmarks/serve_load.py --model runs/x/model.safetensors --device cuda --dtype bf16
+    python benchmarks/serve_load.py --concurrency 1 --backends torch,onnxruntime   # single-client latency
 
 Each request carries one of 64 500x375 JPEGs as base64 (`/score`). Prints, per server and
 concurrency: requests/s (= images/s here), p50/p90/p99 latency, the mean batch size (from
 the server's own /metrics), the error rate; medians over --reps runs, the servers
 interleaved (the machine is shared); then the ratios. Also `deit bench --end-to-end` at
 the same batch size, the ceiling the server should come close to. The model defaults to a
-random-init deit-tiny-distilled written to a temporary file (no download).
+random-init deit-tiny-distilled written to a temporary file (no download). With
+--backends, the deit servers run once per `--backend` (interleaved); the last lines are the
+single-client latency (concurrency 1: p50 and p99) of each server.
 """
 
 from __future__ import annotations
@@ -206,6 +209,9 @@ def main() -> None:
     ap.add_argument("--naive", action="store_true", help="Also the transformers pipeline behind FastAPI.")
     ap.add_argument("--no-bench", action="store_true", help="Skip `deit bench --end-to-end`.")
     ap.add_argument("--serve-args", default="", help="More `deit serve` flags for both deit servers, e.g. '-j 1'.")
+    ap.add_argument(
+        "--backends", default="", help="Comma list of `deit serve --backend` values to run the deit servers with."
+    )
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -259,13 +265,15 @@ def main() -> None:
             "1024",
             *args.serve_args.split(),
         ]
-        servers = {
-            f"deit serve (batches of {args.batch})": (
-                deit + ["--max-batch-size", str(args.batch), "--max-delay-ms", str(args.delay_ms)],
+        servers = {}
+        backends = [b for b in args.backends.split(",") if b] or [None]
+        for b in backends:
+            flags, tag = (["--backend", b], f" [{b}]") if b else ([], "")
+            servers[f"deit serve (batches of {args.batch}){tag}"] = (
+                deit + flags + ["--max-batch-size", str(args.batch), "--max-delay-ms", str(args.delay_ms)],
                 None,
-            ),
-            "deit serve --max-batch-size 1": (deit + ["--max-batch-size", "1"], None),
-        }
+            )
+            servers[f"deit serve --max-batch-size 1{tag}"] = (deit + flags + ["--max-batch-size", "1"], None)
         if args.naive:
             script = tmp / "naive.py"
             script.write_text(NAIVE)
@@ -354,10 +362,15 @@ def main() -> None:
             base = med[(names[0], c)]["rps"]
             line = f"clients {c:>3}: batching / max-batch-size 1 = {base / med[(names[1], c)]['rps']:.2f}x"
             if args.naive:
-                line += f"; batching / naive = {base / med[(names[2], c)]['rps']:.2f}x"
+                line += f"; batching / naive = {base / med[(names[-1], c)]['rps']:.2f}x"
             if bench:
                 line += f"; served / deit bench --end-to-end -b {args.batch} ({bench:.1f} img/s) = {base / bench:.0%}"
             print(line)
+        if 1 in levels:
+            print()
+            for name in names:
+                m = med[(name, 1)]
+                print(f"single client: {name:<44} p50 {m['p50']:7.1f} ms  p99 {m['p99']:7.1f} ms")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -87,6 +87,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The `deit` console script."""
+    from .._openmp import tune_openmp_env
+
+    tune_openmp_env()  # before any command imports torch: libgomp reads it once, when loaded
     debug = bool(os.environ.get("DEIT_DEBUG"))
     if not debug:
         warnings.showwarning = _show_warning

@@ -1,5 +1,5 @@
-"""`deit bench`: throughput, latency and memory, optionally side by side with timm and
-transformers (same weights, batch, dtype and device, interleaved round by round)."""
+"""`deit bench`: throughput, latency and memory, optionally side by side with timm,
+transformers and onnxruntime (same weights, batch, dtype and device, interleaved round by round)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,17 @@ import typer
 
 from ..errors import UsageError
 from . import output
-from .options import DEFAULT_MODEL_NAME, BatchListOpt, DeviceOpt, FormatOpt, JsonOpt, ModelOpt, QuietOpt
+from .options import (
+    DEFAULT_MODEL_NAME,
+    Backend,
+    BackendOpt,
+    BatchListOpt,
+    DeviceOpt,
+    FormatOpt,
+    JsonOpt,
+    ModelOpt,
+    QuietOpt,
+)
 
 CSV_FIELDS = [
     "model",
@@ -68,7 +78,11 @@ SecondsOpt = Annotated[
 ]
 RepsOpt = Annotated[int, typer.Option("--reps", min=1, help="Repetitions; the median is reported, with the spread.")]
 CompareOpt = Annotated[
-    str | None, typer.Option("--compare", help="Also run peers on the same weights, interleaved: timm, transformers.")
+    str | None,
+    typer.Option(
+        "--compare",
+        help="Also run peers on the same weights, interleaved: timm, transformers, onnxruntime (a comma list).",
+    ),
 ]
 EndToEndOpt = Annotated[
     Path | None,
@@ -96,6 +110,7 @@ def bench(
     batch: BatchListOpt = "1,32",
     dtype: BenchDtypeOpt = "fp32",
     compile_: CompileOpt = False,
+    backend: BackendOpt = Backend.auto,
     threads: ThreadsOpt = None,
     warmup: WarmupOpt = 3,
     iters: ItersOpt = None,
@@ -114,8 +129,9 @@ def bench(
     """Benchmark the model: images/s, latency percentiles, peak memory, TFLOP/s.
 
     Warm-up is excluded, CUDA is timed with events, every row is the median of --reps
-    repetitions (with min..max). With --compare, timm and transformers run the same weights
-    interleaved with deit, and each row shows deit's speed-up over it. A table on a
+    repetitions (with min..max). With --compare, timm, transformers and onnxruntime (the graph
+    `deit export` writes, cached) run the same weights interleaved with deit, and each row
+    shows deit's speed-up over it. --backend onnxruntime runs deit itself on that graph. A table on a
     terminal; when piped, one JSON record per row as each is measured.
     """
     from ..engine.bench import BenchSpec, parse_batches, parse_compare, run_bench
@@ -143,6 +159,7 @@ def bench(
         workers=workers,
         peak_tflops=peak_tflops,
         image_size=image_size,
+        backend=backend.value,
     )
     note = (lambda _m: None) if quiet else output.warn
     progress = not quiet and output.show_progress()

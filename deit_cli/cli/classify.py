@@ -12,6 +12,8 @@ from .inputs import image_options, load, positioned, prefetch, read_inputs, want
 from .options import (
     DEFAULT_MODEL_NAME,
     AllowTruncatedOpt,
+    Backend,
+    BackendOpt,
     BatchSizeOpt,
     CropPctOpt,
     DeviceOpt,
@@ -59,6 +61,7 @@ def classify(
     batch_size: BatchSizeOpt = 32,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32",
+    backend: BackendOpt = Backend.auto,
     crop_pct: CropPctOpt = None,
     resize: ResizeOpt = None,
     no_exif: NoExifOpt = False,
@@ -100,6 +103,7 @@ def classify(
                     threshold=threshold,
                     device=device,
                     dtype=dtype,
+                    backend=backend.value,
                     options=options,
                 )
             )

@@ -31,6 +31,15 @@ ModelOpt = Annotated[
 DEFAULT_MODEL_NAME = DEFAULT_MODEL
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute precision: fp32, bf16 or fp16.")]
+Backend = _enum("Backend", ("auto", "torch", "onnxruntime"))
+BackendOpt = Annotated[
+    Backend,
+    typer.Option(
+        "--backend",
+        help="auto (torch), torch, or onnxruntime: the graph `deit export` writes, built once and cached, "
+        "checked on load (CPU, fp32; pip install 'deit-cli[onnx]').",
+    ),
+]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress, notes or hints on stderr (errors still).")]
 

@@ -15,6 +15,8 @@ from .inputs import image_options, load
 from .options import (
     DEFAULT_MODEL_NAME,
     AllowTruncatedOpt,
+    Backend,
+    BackendOpt,
     CropPctOpt,
     DeviceOpt,
     DtypeOpt,
@@ -42,6 +44,7 @@ def serve(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32",
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model (slower start).")] = False,
+    backend: BackendOpt = Backend.auto,
     head: HeadOpt = None,
     crop_pct: CropPctOpt = None,
     resize: ResizeOpt = None,
@@ -162,7 +165,13 @@ def serve(
 
         net = load(model)
         served = ServedModel(
-            net, device=device, dtype=dtype, compile=compile_, head=head.value if head else None, options=options
+            net,
+            device=device,
+            dtype=dtype,
+            compile=compile_,
+            backend=backend.value,
+            head=head.value if head else None,
+            options=options,
         )
         output.set_batch_size(settings.max_batch_size)  # an out-of-memory warm-up names it
         bound = sock.getsockname()[1]
@@ -170,9 +179,12 @@ def serve(
 
         def ready() -> None:
             runner = served.runner
+            path = runner.path
+            if served.choice:  # --backend auto: what warm-up measured fastest, per batch size
+                path += " or onnxruntime, by batch size: " + ", ".join(f"{n}: {b}" for n, b in served.choice.items())
             output.info(
                 f"serving {net.source} as {settings.name!r} on {where} ({runner.device}, "
-                f"{str(runner.dtype).removeprefix('torch.')}, {runner.path}; "
+                f"{str(runner.dtype).removeprefix('torch.')}, {path}; "
                 f"batches of up to {settings.max_batch_size})"
             )
             if insecure and settings.api_key is None and not is_loopback(host):

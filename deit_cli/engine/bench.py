@@ -1,5 +1,5 @@
-"""Benchmarks: throughput, latency and memory of the shared core, side by side with timm
-and transformers. No terminal here: `run_bench` yields `BenchRow`s, the CLI renders them.
+"""Benchmarks: throughput, latency and memory of the shared core, side by side with timm,
+transformers and ONNX Runtime (engine.peers). No terminal here: `run_bench` yields `BenchRow`s, the CLI renders them.
 
     for row in run_bench(BenchSpec(model="deit-tiny-distilled", random_init=True, batches=(1, 32))):
         print(row.batch, row.images_per_s)
@@ -75,6 +75,7 @@ class BenchSpec:
     workers: int | None = None  # decode threads for end_to_end
     peak_tflops: float | None = None
     image_size: int | None = None
+    backend: str = "auto"  # deit's: auto, torch or onnxruntime (engine.runner.prepare)
 
 
 @dataclass
@@ -338,9 +339,12 @@ def run_bench(spec: BenchSpec, *, note: Callable[[str], None] | None = None) -> 
         try:
             peers[p] = build_peer(p, model)
         except ImportError:
-            note(f"{p} is not installed; skipping it in --compare (pip install {p})")
+            hint = "pip install 'deit-cli[onnx]'" if p == "onnxruntime" else f"pip install {p}"
+            note(f"{p} is not installed; skipping it in --compare ({hint})")
         except UsageError as e:
             note(f"{p}: {e.message}; skipping it in --compare")
+    if "onnxruntime" in peers:
+        peers["onnxruntime"].note = note  # "exporting the graph ... (once)"
     if spec.end_to_end and peers:
         note("--compare measures the model on in-memory batches; the end-to-end rows are deit's only")
 
@@ -357,8 +361,13 @@ def run_bench(spec: BenchSpec, *, note: Callable[[str], None] | None = None) -> 
         reps=spec.reps,
     )
     for dtype in dtypes:
-        runner = prepare(model, device=device, dtype=dtype, compile=spec.compile)
-        peer_fns = {p: peer_fn(p, net, device, dtype, spec.compile) for p, net in peers.items()}
+        runner = prepare(model, device=device, dtype=dtype, compile=spec.compile, backend=spec.backend)
+        peer_fns = {}
+        for p, net in peers.items():
+            try:
+                peer_fns[p] = peer_fn(p, net, device, dtype, spec.compile)
+            except UsageError as e:
+                note(f"{p}: {e.message}; skipping it for {DTYPE_NAMES[dtype]} on {device.type}")
         for batch in spec.batches:
             try:
                 if spec.end_to_end:

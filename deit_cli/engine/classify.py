@@ -86,6 +86,7 @@ def classify(
     threshold: float | None = None,
     device: str = "cpu",
     dtype: str | None = None,
+    backend: str = "auto",
     options: ImageOptions = ImageOptions(),
 ) -> Iterator[Classification]:
     """The `top` classes of each input, best first, with probabilities (or logits), in input
@@ -93,7 +94,7 @@ def classify(
 
     A multi-label model scores each class with a sigmoid and gives the classes whose score
     is at or above `threshold` (default: the model's), at most `top` of them; an image with
-    none over it gets an empty list."""
+    none over it gets an empty list. `backend`: auto, torch or onnxruntime (engine.runner.prepare)."""
     cfg = model.config
     head = check_head(model, head, hint="use extract-features instead")
     if scores not in SCORES:
@@ -104,7 +105,7 @@ def classify(
     cut = (model.threshold if check_threshold(threshold) is None else threshold) if multi else None
     k = min(top, cfg.num_classes)
     labels = list(model.labels)
-    runner = prepare(model, device=device, dtype=dtype)
+    runner = prepare(model, device=device, dtype=dtype, backend=backend)
 
     def compute(x: torch.Tensor) -> list[tuple[list[float], list[int], list[bool]]]:
         logits = runner.logits(x, head)  # (B, classes) float32

@@ -51,6 +51,8 @@ __all__ = [
     "TOLERANCES",
     "ExportResult",
     "GraphSpec",
+    "check_input",
+    "check_session",
     "export",
     "export_model",
     "require_extra",
@@ -200,10 +202,12 @@ def export_model(
     pool: str | None = None,
     force: bool = False,
     tolerance: float | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> ExportResult:
     """Export a loaded model (its size is the graph's; `load_model(image_size=...)` resamples).
     The model is not changed; one on another device is copied to the CPU, where both the
-    export and the check run."""
+    export and the check run. `metadata`: more metadata_props (the onnxruntime backend's
+    cache key)."""
     dtype, opset = _check_options(dtype, opset, features, head, pool)
     onnx, ort = require_extra()
     check_destination(dst, force=force)
@@ -218,10 +222,10 @@ def export_model(
         out_shape = ["batch", cfg.num_classes]
     S = cfg.image_size
     in_shape = ["batch", cfg.in_chans, S, S]
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(max(CHECK_BATCHES), cfg.in_chans, S, S, generator=g)  # the fixed check input
+    x = check_input(cfg)
+    meta = {**onnx_metadata(model, spec), **(metadata or {})}
     with atomic_path(dst) as tmp:
-        _write_graph(_Graph(model, spec), x[:2], tmp, opset, spec.output, onnx_metadata(model, spec))
+        _write_graph(_Graph(model, spec), x[:2], tmp, opset, spec.output, meta)
         _check_graph(onnx, tmp, opset)
         diff, tol, agree = _check(ort, tmp, model, x, spec, tolerance)
         size = tmp.stat().st_size
@@ -346,11 +350,34 @@ def _check(
     opts.log_severity_level = 3  # errors only: its warnings are not the user's business
     try:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        outs = [torch.from_numpy(session.run(None, {INPUT_NAME: x[:b].numpy()})[0]) for b in CHECK_BATCHES]
     except Exception as e:  # noqa: BLE001 - onnxruntime's errors have no common public base
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(
             f"onnxruntime {ort.__version__} cannot run the exported graph: {first[:300]}",
+            "nothing written; try the default --opset",
+        ) from None
+    return check_session(session, model, x, spec, tolerance, version=ort.__version__)
+
+
+def check_input(config) -> torch.Tensor:
+    """The fixed input every graph is checked on: (max(CHECK_BATCHES), C, S, S), seeded."""
+    g = torch.Generator().manual_seed(0)
+    S = config.image_size
+    return torch.randn(max(CHECK_BATCHES), config.in_chans, S, S, generator=g)
+
+
+def check_session(
+    session, model: DeiT, x: torch.Tensor, spec: GraphSpec, tolerance: float | None = None, *, version: str = ""
+) -> tuple[float, float, float]:
+    """(largest difference, tolerance, top-1 agreement) of an onnxruntime session of the graph
+    against our fp32 model on `x`, at each of CHECK_BATCHES. Raises CheckpointError when it
+    fails. `deit export` runs it before a file is kept; the onnxruntime backend on every load."""
+    try:
+        outs = [torch.from_numpy(session.run(None, {INPUT_NAME: x[:b].numpy()})[0]) for b in CHECK_BATCHES]
+    except Exception as e:  # noqa: BLE001 - onnxruntime's errors have no common public base
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(
+            f"onnxruntime {version} cannot run the exported graph: {first[:300]}",
             "nothing written; try the default --opset",
         ) from None
     ref = _reference(model, x, spec)

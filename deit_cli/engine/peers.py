@@ -1,11 +1,14 @@
 """The peers `deit bench --compare` runs beside deit: timm and transformers, built on the
-same weights and run as their users run them (fp32 weights, autocast for bf16/fp16).
+same weights and run as their users run them (fp32 weights, autocast for bf16/fp16), and
+onnxruntime running the graph `deit export` writes for the same weights (fp32, CPU; the
+graph cached as the onnxruntime backend caches it, engine.ort).
 
 Only `bench --compare` imports them, at run time, when they are installed.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 from contextlib import nullcontext
@@ -16,7 +19,7 @@ from ..devices import DTYPE_NAMES
 from ..errors import UsageError
 from ..model import DeiT
 
-PEERS = ("timm", "transformers")
+PEERS = ("timm", "transformers", "onnxruntime")
 
 
 def _import_peer(name: str):
@@ -30,6 +33,17 @@ def build_peer(name: str, model: DeiT) -> torch.nn.Module:
     """`name`'s implementation of the model's architecture, holding the same weights
     (fp32, CPU, eval). Raises ImportError when the package is missing, UsageError when it
     cannot express this architecture."""
+    if name == "onnxruntime":
+        from .ort import check_backend
+
+        try:
+            check_backend("onnxruntime", torch.device("cpu"), torch.float32)
+        except UsageError:
+            raise ImportError(name) from None
+        from .ort import OnnxRuntimeModel
+
+        cpu32 = model if model.device.type == "cpu" and model.dtype == torch.float32 else None
+        return OnnxRuntimeModel(cpu32 or copy.deepcopy(model).to("cpu", torch.float32))
     mod = _import_peer(name)
     if mod is None:
         raise ImportError(name)
@@ -107,7 +121,16 @@ def build_peer(name: str, model: DeiT) -> torch.nn.Module:
 
 
 def peer_fn(name: str, net: torch.nn.Module, device: torch.device, dtype: torch.dtype, compile: bool):
-    """The peer's forward as its users run it: fp32 weights, autocast for bf16/fp16."""
+    """The peer's forward as its users run it: fp32 weights, autocast for bf16/fp16.
+    onnxruntime: its fp32 graph on the CPU (UsageError elsewhere), built or read now."""
+    if name == "onnxruntime":
+        if device.type != "cpu" or dtype != torch.float32 or compile:
+            raise UsageError("onnxruntime runs deit's fp32 graph on the CPU only (no --compile)")
+        from .export import GraphSpec
+
+        head = "cls" if net.model.head_dist is None else "avg"
+        net.session(GraphSpec("logits", head, None, "fp32"))  # exported or read now, not in the timing
+        return (lambda x: net.logits(x, head)), "fp32 graph (deit export)"
     net = net.to(device)
     graphs = compile and device.type == "cuda"
     if compile:

@@ -8,10 +8,18 @@
 
 The same decoder (`decode_bytes`), transform and runner as `deit classify`, so a served
 answer equals the command's for the same image. Nothing here knows about HTTP.
+
+`backend="auto"` on the CPU in fp32, with onnxruntime installed: warm-up times the torch
+runner and the onnxruntime one (engine.ort) at each batch size the server uses, and each
+batch of classifier scores runs on the one measured faster at its size (`self.choice`);
+both are checked against the reference model when they load, so either gives the same
+answer to 1e-4. Embeddings always run on torch.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,6 +38,17 @@ from .runner import prepare
 __all__ = ["ServedModel"]
 
 
+def _onnxruntime_can_run(runner) -> bool:
+    if runner.device.type != "cpu" or runner.dtype != torch.float32:
+        return False
+    from .ort import check_backend
+
+    try:
+        return check_backend("onnxruntime", runner.device, runner.dtype) == "onnxruntime"
+    except UsageError:  # not installed: auto is torch
+        return False
+
+
 class ServedModel:
     """A model made ready to serve: its runner, its eval transform, its labels."""
 
@@ -40,6 +59,7 @@ class ServedModel:
         device: str = "cpu",
         dtype: str | None = None,
         compile: bool = False,
+        backend: str = "auto",
         head: str | None = None,
         options: ImageOptions = ImageOptions(),
         max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -57,7 +77,11 @@ class ServedModel:
         self.options = options
         self.max_pixels = max_pixels
         self.transform = eval_transform(model.preprocessing, crop_pct=options.crop_pct, resize_mode=options.resize_mode)
-        self.runner = prepare(model, device=device, dtype=dtype, compile=compile)
+        self.runner = prepare(model, device=device, dtype=dtype, compile=compile, backend=backend)
+        # auto: onnxruntime joins as a candidate, per batch size, where it can run and is installed.
+        self.others: dict[str, object] = {}
+        self.choice: dict[int, str] = {}  # batch size -> the backend warm-up measured fastest
+        self._auto = backend == "auto" and not compile and self.has_classifier and _onnxruntime_can_run(self.runner)
         # Paths that specialise on the input shape (a CUDA graph or a compiled graph per batch
         # size) get batches padded up to a few sizes, fixed by warm_up: a server's batch
         # sizes vary with its load, and capturing or compiling one at request time costs more
@@ -97,8 +121,18 @@ class ServedModel:
         probabilities, or each class's sigmoid for a multi-label model."""
         if not self.has_classifier:
             raise UsageError("this model has no classifier head", "use /embed")
-        logits = self.runner.logits(self._batch(images), self.head)[: len(images)]  # (N, classes) float32
+        x = self._batch(images)
+        runner = self._runner_for(len(x))
+        logits = runner.logits(x, self.head)[: len(images)]  # (N, classes) float32
         return (logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)).cpu().numpy()
+
+    def _runner_for(self, n: int):
+        """The runner warm-up measured fastest at the smallest warmed size >= n."""
+        if not self.choice:
+            return self.runner
+        size = next((b for b in sorted(self.choice) if b >= n), max(self.choice))
+        name = self.choice[size]
+        return self.others.get(name, self.runner)
 
     def embeddings(
         self, images: Sequence[torch.Tensor], pools: Sequence[str], normalize: Sequence[bool]
@@ -127,9 +161,31 @@ class ServedModel:
         Service.start calls it with its queues' batch size)."""
         s = self.image_size
         self.buckets = tuple(sorted({b for b in (1, 4, 16) if b < max_batch_size} | {max_batch_size}))
-        for n in self.buckets if self.pad_batches else sorted({1, max_batch_size}):
+        sizes = self.buckets if self.pad_batches else sorted({1, max_batch_size})
+        for n in sizes:
             x = [torch.zeros(3, s, s)] * n
             if self.has_classifier:
                 self.probabilities(x)
             else:
                 self.embeddings(x, ["token"] * n, [False] * n)
+        if self._auto:
+            self._choose(sizes)
+
+    def _choose(self, sizes) -> None:
+        """Time torch and onnxruntime at each size, interleaved; keep the faster per size."""
+        if "onnxruntime" not in self.others:
+            self.others["onnxruntime"] = prepare(self.model, device="cpu", dtype="fp32", backend="onnxruntime")
+        runners = {"torch": self.runner, **self.others}
+        g = torch.Generator().manual_seed(0)
+        for n in sizes:
+            x = torch.randn(n, 3, self.image_size, self.image_size, generator=g)
+            times: dict[str, list[float]] = {k: [] for k in runners}
+            reps = 5 if n <= 4 else 2
+            for r in runners.values():
+                r.logits(x, self.head)  # warm: this size's allocations and primitives
+            for _ in range(reps):
+                for k, r in runners.items():
+                    t = time.perf_counter()
+                    r.logits(x, self.head)
+                    times[k].append(time.perf_counter() - t)
+            self.choice[n] = min(times, key=lambda k: statistics.median(times[k]))
