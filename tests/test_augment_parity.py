@@ -269,19 +269,22 @@ def test_the_random_resized_crop_is_timms_given_the_same_draws():
             random.seed(seed)
             want = np.asarray(rrc(img))
             rng = random.Random(seed)
-            got = ours(img, rng)
+            got, erase = ours(img, rng)
             flipped = random.Random(seed)
             augment.rrc_box(*size, flipped)
             if flipped.random() < 0.5:
                 want = want[:, ::-1]
-            expect = ours._norm(Image.fromarray(np.ascontiguousarray(want)))
-            assert torch.equal(got, expect), (size, seed)
+            # uint8, the augmented image's pixels as they are
+            assert got.dtype == torch.uint8 and erase is None
+            assert torch.equal(got, torch.from_numpy(np.ascontiguousarray(want.transpose(2, 0, 1)))), (size, seed)
 
 
 def test_random_erasing_is_timms_given_the_same_draws():
     """timm's RandomErasing(0.25, mode "pixel", max_count 1) on a normalised image: the
-    same boxes after the same draws; the noise inside is standard normal in both (timm's
-    from torch's global generator, ours from one seeded by the sample's)."""
+    same boxes after the same draws (ours drawn in the transform, `erase_params`, applied
+    to the normalised batch on the device, `erase_batch`); the noise inside is standard
+    normal in both (timm's from torch's global generator, ours from one seeded by the
+    sample's draw)."""
     erasing = RandomErasing(0.25, mode="pixel", max_count=1, device="cpu")
     erased = 0
     values = []
@@ -290,13 +293,18 @@ def test_random_erasing_is_timms_given_the_same_draws():
             random.seed(seed)
             theirs = torch.full(shape, 100.0)
             erasing(theirs)
-            ours = torch.full(shape, 100.0)
             rng = random.Random(seed)
-            augment.erase(ours, rng, 0.25)
-            assert torch.equal(theirs != 100, ours != 100), (seed, shape)
-            if (ours != 100).any():
+            params = augment.erase_params(shape[1], shape[2], rng, 0.25)
+            ours = torch.full((2, *shape), 100.0)  # a batch of two, the second left alone
+            augment.erase_batch(ours, torch.tensor([params or (-1,) * 5, (-1,) * 5]))
+            assert torch.equal(theirs != 100, ours[0] != 100), (seed, shape)
+            assert (ours[1] == 100).all()
+            if params is not None:
                 erased += 1
-                values.append(ours[ours != 100])
+                values.append(ours[0][ours[0] != 100])
+                again = torch.full((1, *shape), 100.0)
+                augment.erase_batch(again, torch.tensor([params]))
+                assert torch.equal(again[0], ours[0])  # the noise fixed by the sample's seed
     assert 0.2 < erased / 800 < 0.3
     v = torch.cat(values)
     assert abs(v.mean()) < 0.02 and abs(v.std() - 1) < 0.02
@@ -357,5 +365,10 @@ def test_the_transform_is_reproducible_and_uses_the_recipe_fill():
     t = TrainTransform(pre, rand_augment=SPEC, reprob=0.25)
     assert t.rand_augment.ops[0].kwargs["fill"] == FILL
     img = photo()
-    for seed in range(5):
-        assert torch.equal(t(img, random.Random(seed)), t(img, random.Random(seed)))
+    erased = 0
+    for seed in range(20):
+        (x, erase), (x2, erase2) = t(img, random.Random(seed)), t(img, random.Random(seed))
+        assert torch.equal(x, x2) and erase == erase2
+        assert x.dtype == torch.uint8 and x.shape == (3, 32, 32)
+        erased += erase is not None
+    assert 0 < erased < 20

@@ -234,11 +234,12 @@ def test_the_simple_crop_equals_torchvisions_on_the_same_offsets(size):
     assert {x for _, x in offsets} == set(range(w + 8 - 32 + 1))
 
 
-def test_three_augment_is_reproducible_per_sample_and_normalised():
+def test_three_augment_is_reproducible_per_sample_and_uint8():
+    """The augmented image's pixels as uint8 (normalised later, on the device)."""
     t = ThreeAugment(Preprocessing(32), color_jitter=0.3)
     img = photo(4, size=(60, 45))
     a, b = t(img, random.Random(7)), t(img, random.Random(7))
-    assert a.shape == (3, 32, 32) and a.dtype == torch.float32 and torch.equal(a, b)
+    assert a.shape == (3, 32, 32) and a.dtype == torch.uint8 and torch.equal(a, b)
     assert not torch.equal(a, t(img, random.Random(8)))
     assert ThreeAugment(Preprocessing(32), simple=True)(img, random.Random(0)).shape == (3, 32, 32)
 

@@ -9,13 +9,15 @@ import random
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from imagegen import noise, save, smooth
 
 from deit_cli.engine.train.augment import TrainTransform
-from deit_cli.engine.train.data import TrainSet, epoch_order
+from deit_cli.engine.train.data import TrainSet, epoch_order, sample_seed
 from deit_cli.engine.train.loader import TrainLoader
+from deit_cli.images.decode import decode_image
 from deit_cli.images.inputs import InputItem
 from deit_cli.variants import Preprocessing
 
@@ -55,8 +57,9 @@ def batches(data: TrainSet, epochs=(0, 1), start_step: int = 0, batch_size: int 
 def assert_same(got: list, want: list) -> None:
     assert [b.step for b in got] == [b.step for b in want]
     for g, w in zip(got, want):
-        assert g.images.dtype == w.images.dtype == torch.float32
+        assert g.images.dtype == w.images.dtype == torch.uint8
         assert torch.equal(g.images, w.images), g.step
+        assert (g.erase is None) == (w.erase is None) and (g.erase is None or torch.equal(g.erase, w.erase)), g.step
         assert torch.equal(g.targets, w.targets), g.step
         assert g.failed == w.failed, g.step
 
@@ -88,6 +91,16 @@ def test_the_batches_are_the_definition(data, in_process):
         assert b.images.shape == (len(want), 3, 32, 32)
         assert len(b.failed) == BATCH - len(want)
     assert not torch.equal(in_process[0].images[0], in_process[1].images[0])
+    # uint8, the pixels of each image as augmented with its own seed; erasing's draws beside
+    b = in_process[1]
+    ok = [p for p in range(BATCH, 2 * BATCH) if order[p] != 5]
+    for row, p in enumerate(ok):
+        image = decode_image(data.items[order[p]]).image
+        x, erase = TRANSFORM(image, random.Random(sample_seed(SEED, 0, p)))
+        assert b.images.dtype == torch.uint8 and torch.equal(b.images[row], x)
+        drawn = b.erase[row].tolist() if b.erase is not None else [-1] * 5
+        assert drawn == list(erase or (-1,) * 5)
+    assert any(b.erase is not None and (b.erase[:, 4] >= 0).any() for b in in_process)
 
 
 @pytest.mark.parametrize("way", ["in-process", "2 processes"])
@@ -101,10 +114,13 @@ def test_rank_shares_in_position_order_are_the_global_batch(data, in_process, wa
         rows = {}
         for r, share in enumerate((first, second)):
             ok = [p for p in positions[r::2] if order[p] != 5]
-            rows.update({p: (x, y) for p, x, y in zip(ok, share.images, share.targets)})
+            erase = share.erase if share.erase is not None else torch.full((len(ok), 5), -1)
+            rows.update({p: (x, y, e) for p, x, y, e in zip(ok, share.images, share.targets, erase)})
         merged = [rows[p] for p in sorted(rows)]
-        assert torch.equal(torch.stack([x for x, _ in merged]), whole.images)
-        assert torch.equal(torch.stack([y for _, y in merged]), whole.targets)
+        assert torch.equal(torch.stack([x for x, _, _ in merged]), whole.images)
+        assert torch.equal(torch.stack([y for _, y, _ in merged]), whole.targets)
+        erase = whole.erase if whole.erase is not None else torch.full((len(merged), 5), -1)
+        assert torch.equal(torch.stack([e for _, _, e in merged]), erase)
         assert sorted(first.failed + second.failed) == sorted(whole.failed)
 
 
@@ -173,3 +189,65 @@ def test_pinned_batches_for_a_cuda_device(data, in_process, way):
     assert_same(got, in_process)
     if torch.cuda.is_available():
         assert all(b.images.is_pinned() and b.targets.is_pinned() for b in got if b.images.numel())
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "mean, std",
+    [
+        ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        ((0.1, 0.7, 0.33), (0.3, 0.9, 0.17)),
+    ],
+)
+def test_normalisation_on_the_device_is_the_eval_transforms_bit_for_bit(mean, std, device):
+    """uint8 batches normalised where the model runs: every byte of every channel gives the
+    float32 of the eval transform's lookup table; a whole image, the eval transform's tensor."""
+    from deit_cli.engine.train.augment import PlainTransform, norm_tensors, normalize
+    from deit_cli.images.transform import eval_transform
+
+    pre = Preprocessing(image_size=32, mean=mean, std=std)
+    every = torch.arange(256, dtype=torch.uint8).expand(2, 3, 1, 256).to(device)
+    got = normalize(every, *norm_tensors(pre, device)).cpu()
+    want = torch.from_numpy(eval_transform(pre)._lut)
+    assert got.dtype == torch.float32 and torch.equal(got[0, :, 0], want) and torch.equal(got[1, :, 0], want)
+    img = smooth(50, 37)
+    x = PlainTransform(pre)(img, random.Random(0))
+    assert x.dtype == torch.uint8 and x.shape == (3, 32, 32)
+    assert torch.equal(normalize(x[None].to(device), *norm_tensors(pre, device))[0].cpu(), eval_transform(pre)(img))
+
+
+def test_the_step_normalises_and_erases_uint8_batches_before_everything_else():
+    """`Stepper.prepare`: a uint8 batch normalised with the model's mean and std (as the eval
+    transform), then the erasing draws' boxes filled with noise; a float batch as it is."""
+    from deit_cli.engine.train.augment import erase_batch
+    from deit_cli.engine.train.step import Stepper
+    from deit_cli.images.transform import eval_transform
+
+    pre = Preprocessing(image_size=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    stepper = Stepper(
+        *[None] * 8,
+        device=torch.device("cpu"),
+        amp_dtype=None,
+        grad_accum=1,
+        clip_grad=None,
+        world=1,
+        preprocessing=pre,
+    )
+    images = [smooth(40, 40 + i) for i in range(3)]
+    x = torch.stack(
+        [TrainTransform(pre, rand_augment=None, reprob=0.0)(im, random.Random(i))[0] for i, im in enumerate(images)]
+    )
+    lut = eval_transform(pre)._lut
+    want = torch.stack([torch.from_numpy(np.stack([lut[c][r[c].numpy()] for c in range(3)])) for r in x])
+    assert torch.equal(stepper.prepare(x), want)
+    erase = torch.tensor([[-1] * 5, [2, 3, 10, 5, 1234], [-1] * 5])
+    got = stepper.prepare(x, erase)
+    erased = want.clone()
+    erase_batch(erased, erase)
+    assert torch.equal(got, erased) and not torch.equal(got[1], want[1])
+    assert torch.equal(got[[0, 2]], want[[0, 2]]) and torch.equal(got[1, :, :2], want[1, :, :2])
+    assert torch.equal(stepper.prepare(want), want)  # float: as it is

@@ -10,6 +10,12 @@ sample's own `random.Random`, never a global generator, so augmentation is repro
 whatever the number of decoding threads or processes; given the same draws, each step
 computes what timm's does (tests/test_augment_parity.py).
 
+The transforms stop at the augmented image: they return it as uint8 (3, size, size), so
+batches travel to the device at a quarter of float32's bytes. There `normalize` makes the
+float32 values the eval transform's lookup table gives (the same float32 operations in the
+same order), and `erase_batch` applies random erasing, whose decision, box and noise seed
+the sample's generator drew in the transform (`erase_params`), where timm draws them.
+
 `ThreeAugment` is DeiT III's (the release's augment.py, `--ThreeAugment`): random resized
 crop (or, with `simple_crop`, resize and a reflect-padded 4-pixel random crop) and flip, then
 one of grayscale, solarization or Gaussian blur chosen uniformly, then colour jitter;
@@ -32,21 +38,48 @@ import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from ...errors import UsageError
-from ...images.transform import EvalTransform, eval_transform
+from ...images.transform import eval_transform
 from ...variants import Preprocessing
 
 _BICUBIC = Image.Resampling.BICUBIC
 
 
+def to_uint8(img: Image.Image) -> torch.Tensor:
+    """A PIL image's pixels as a uint8 (3, H, W) tensor (RGB)."""
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)))
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 images (..., 3, H, W) -> float32 (x / 255 - mean) / std, on x's device: the
+    float32 operations of ToTensor + Normalize in their order (true divisions by tensors,
+    never a multiplication by a reciprocal), so the values of the eval transform's lookup
+    table bit for bit. `mean` and `std` are float32 tensors of shape (3, 1, 1)."""
+    x = x.to(torch.float32)
+    x.div_(torch.full((), 255.0, dtype=torch.float32, device=x.device).expand(3, 1, 1))
+    return x.sub_(mean).div_(std)
+
+
+def norm_tensors(pre: Preprocessing, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of `pre` as float32 (3, 1, 1) tensors for `normalize`."""
+    shape = (3, 1, 1)
+    return (
+        torch.tensor(pre.mean, dtype=torch.float32, device=device).reshape(shape),
+        torch.tensor(pre.std, dtype=torch.float32, device=device).reshape(shape),
+    )
+
+
 class PlainTransform:
-    """The model's eval transform, taking (and ignoring) the sample's generator."""
+    """The model's eval transform (resize, center crop), taking (and ignoring) the
+    sample's generator: uint8 (3, size, size), to be normalised on the device."""
 
     def __init__(self, pre: Preprocessing):
         self.eval = eval_transform(pre)
         self.image_size = pre.image_size
 
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
-        return self.eval(image)
+        return to_uint8(self.eval.crop_image(image))
 
 
 def rrc_box(w: int, h: int, rng: random.Random, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -259,16 +292,16 @@ def fill_colour(mean: tuple[float, float, float]) -> tuple[int, int, int]:
 
 
 class TrainTransform:
-    """The augmented training transform: (image, generator) -> float32 (3, size, size)."""
+    """The augmented training transform: (image, generator) -> (uint8 (3, size, size),
+    random erasing's draws: `erase_params`'s (top, left, height, width, noise seed) or
+    None), the erasing itself left to `erase_batch` after normalisation on the device."""
 
     def __init__(self, pre: Preprocessing, *, rand_augment: str | None, reprob: float):
         self.image_size = pre.image_size
         self.rand_augment = RandAugment(rand_augment, fill=fill_colour(pre.mean)) if rand_augment else None
         self.reprob = reprob
-        # normalisation through the eval transform's lookup table (identical arithmetic)
-        self._norm = EvalTransform(pre.image_size, pre.image_size, mean=pre.mean, std=pre.std)
 
-    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+    def __call__(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, tuple | None]:
         s = self.image_size
         # crop, then resize: torchvision's resized_crop (a resize with box= would read
         # pixels beyond the box's edges)
@@ -277,10 +310,8 @@ class TrainTransform:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if self.rand_augment is not None:
             img = self.rand_augment(img, rng)
-        x = self._norm(img)
-        if self.reprob:
-            erase(x, rng, self.reprob)
-        return x
+        erase = erase_params(s, s, rng, self.reprob) if self.reprob else None
+        return to_uint8(img), erase
 
 
 _ERASE_LOG_RATIO = (math.log(0.3), math.log(1 / 0.3))
@@ -298,17 +329,32 @@ def erase_box(h: int, w: int, rng: random.Random, scale=(0.02, 1 / 3), log_ratio
     return None
 
 
-def erase(x: torch.Tensor, rng: random.Random, prob: float) -> None:
-    """timm's RandomErasing (mode "pixel", one region) in place on a normalised (C, H, W)
-    image: with probability `prob`, a box of standard normal noise. The noise comes from a
-    generator seeded by `rng` (timm uses torch's global one): the same distribution."""
+def erase_params(h: int, w: int, rng: random.Random, prob: float) -> tuple[int, int, int, int, int] | None:
+    """timm's RandomErasing (mode "pixel", one region)'s draws for an (h, w) image, in its
+    order: with probability `prob` a box, then the seed of its noise (timm draws the noise
+    from torch's global generator; we from one seeded here): (top, left, height, width,
+    seed), or None for no erasing."""
     if rng.random() > prob:
-        return
-    box = erase_box(x.shape[1], x.shape[2], rng)
-    if box is not None:
-        top, left, eh, ew = box
-        noise = np.random.default_rng(rng.getrandbits(63)).standard_normal((x.shape[0], eh, ew), dtype=np.float32)
-        x[:, top : top + eh, left : left + ew] = torch.from_numpy(noise)
+        return None
+    box = erase_box(h, w, rng)
+    if box is None:
+        return None
+    return (*box, rng.getrandbits(63))
+
+
+def erase_batch(x: torch.Tensor, erase: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    """Random erasing in place on normalised images (n, C, H, W), on their device: for each
+    row of `erase` (n, 5) int64 (top, left, height, width, seed; -1 for none), its box
+    filled with standard normal noise from `generator` (one on x's device if None) seeded
+    by the row's seed."""
+    if generator is None:
+        generator = torch.Generator(device=x.device)
+    for i, (top, left, eh, ew, seed) in enumerate(erase.tolist()):
+        if seed < 0:
+            continue
+        generator.manual_seed(seed)
+        noise = torch.randn((x.shape[1], eh, ew), generator=generator, device=x.device, dtype=x.dtype)
+        x[i, :, top : top + eh, left : left + ew] = noise
 
 
 def simple_crop(img: Image.Image, size: int, top: int, left: int) -> Image.Image:
@@ -360,7 +406,7 @@ def color_jitter(img: Image.Image, order, brightness: float, contrast: float, sa
 
 
 class ThreeAugment:
-    """DeiT III's 3-Augment: (image, generator) -> float32 (3, size, size).
+    """DeiT III's 3-Augment: (image, generator) -> uint8 (3, size, size).
 
     The draws follow the release's order: the crop, the flip, the choice of op
     (RandomChoice: one `random()`), the op's own `random()` against its p=1.0, the blur's
@@ -369,7 +415,6 @@ class ThreeAugment:
 
     def __init__(self, pre: Preprocessing, *, color_jitter: float = 0.3, simple: bool = False):
         self.image_size, self.jitter, self.simple = pre.image_size, color_jitter, simple
-        self._norm = EvalTransform(pre.image_size, pre.image_size, mean=pre.mean, std=pre.std)
 
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
         s = self.image_size
@@ -384,7 +429,7 @@ class ThreeAugment:
             lo, hi = max(0.0, 1 - self.jitter), 1 + self.jitter
             order = rng.sample(range(4), 4)
             img = color_jitter(img, order, rng.uniform(lo, hi), rng.uniform(lo, hi), rng.uniform(lo, hi))
-        return self._norm(img)
+        return to_uint8(img)
 
     @staticmethod
     def secondary(img: Image.Image, rng: random.Random) -> Image.Image:

@@ -249,9 +249,12 @@ class TrainBatch:
     """One process's share of a global batch."""
 
     step: int  # within the epoch
-    images: torch.Tensor  # (n, 3, H, W) float32
+    images: torch.Tensor  # (n, 3, H, W) uint8, normalised on the device (`Stepper.step`)
     targets: torch.Tensor  # (n,) int64, or (multi-label) (n, classes) float32 multi-hot
     failed: list[str]  # images of this share that could not be decoded (skipped)
+    # random erasing's draws: (n, 5) int64 (top, left, height, width, noise seed; -1 for
+    # none), or None where no image of the share is erased
+    erase: torch.Tensor | None = None
 
 
 def check_classes(saved: Sequence[str], now: Sequence[str]) -> None:

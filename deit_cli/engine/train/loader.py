@@ -12,6 +12,9 @@ with its own generator seeded by (seed, epoch, position) (`data.sample_seed`). S
 batches are bit-identical for any number of workers, threads, processes or ranks, and a
 run resumed at a step continues exactly. An image that fails to decode is skipped and
 counted (`TrainBatch.failed`), never a crash.
+
+Batches hold uint8 images (normalised on the device, `Stepper.step`) and, where the
+transform draws random erasing, each image's drawn box and noise seed (`TrainBatch.erase`).
 """
 
 from __future__ import annotations
@@ -47,12 +50,15 @@ def default_processes(workers: int) -> bool:
 
 
 def load_sample(item: InputItem, transform, seed: int, options: dict):
-    """(the augmented tensor, None), or (None, the one-line reason the image was skipped)."""
+    """((the augmented tensor, its erasing draws or None), None), or (None, the one-line
+    reason the image was skipped). A transform returns the tensor, or (tensor, erasing
+    draws) as `TrainTransform` does."""
     from ...images.decode import ImageError, decode_image
 
     try:
         image = decode_image(item, **options).image
-        return transform(image, random.Random(seed)), None
+        out = transform(image, random.Random(seed))
+        return (out if isinstance(out, tuple) else (out, None)), None
     except ImageError as e:
         return None, e.one_line()
     except Exception as e:  # noqa: BLE001 - one odd image never stops a run
@@ -85,7 +91,9 @@ class _Shares(Sampler[list[Key]]):
 
 class _Samples(Dataset):
     """Decodes and augments the images of a share; `__getitems__` returns the share as
-    (images, targets, failed), so a worker process hands over one tensor per batch."""
+    (images, targets, erase, failed), so a worker process hands over one tensor per batch.
+    `erase` is None where no image of the share drew an erasing box, else (n, 5) int64
+    rows (top, left, height, width, noise seed), -1 for an image left alone."""
 
     def __init__(self, data: TrainSet, transform, seed: int, decode_options: dict):
         self.data, self.transform, self.seed, self.options = data, transform, seed, decode_options
@@ -100,20 +108,24 @@ class _Samples(Dataset):
         return self.assemble([self.load(k) for k in keys], keys)
 
     def assemble(self, loaded, keys: list[Key]):
-        rows, indices, failed = [], [], []
-        for (tensor, err), (_, _, index) in zip(loaded, keys):
-            if tensor is None:
+        rows, erases, indices, failed = [], [], [], []
+        for (sample, err), (_, _, index) in zip(loaded, keys):
+            if sample is None:
                 failed.append(err)
             else:
-                rows.append(tensor)
+                rows.append(sample[0])
+                erases.append(sample[1])
                 indices.append(index)
         if not rows:
-            return torch.empty(0), self.data.target_tensor(indices), failed
+            return torch.empty(0, dtype=torch.uint8), self.data.target_tensor(indices), None, failed
         images = torch.empty((len(rows), *rows[0].shape), dtype=rows[0].dtype)
         if get_worker_info() is not None:  # stacked straight into shared memory: no copy to send it
             images.share_memory_()
         torch.stack(rows, out=images)
-        return images, self.data.target_tensor(indices), failed
+        erase = None
+        if any(e is not None for e in erases):
+            erase = torch.tensor([(-1,) * 5 if e is None else e for e in erases], dtype=torch.int64)
+        return images, self.data.target_tensor(indices), erase, failed
 
 
 def _as_is(batch):
@@ -201,9 +213,9 @@ class TrainLoader:
         steps = self.steps
         for step in range(start_step, steps):
             self._next = None  # until the batch is in hand: a failure leaves no position
-            images, targets, failed = next(self._stream)
+            images, targets, erase, failed = next(self._stream)
             self._next = (epoch, step + 1) if step + 1 < steps else (epoch + 1, 0)
-            yield TrainBatch(step, images, targets, failed)
+            yield TrainBatch(step, images, targets, failed, erase)
 
     def _restart(self, epoch: int, start_step: int) -> None:
         self._shares.epoch, self._shares.start_step = epoch, start_step
@@ -215,7 +227,7 @@ class TrainLoader:
             self._stream = self._threaded()
         self._next = (epoch, start_step)
 
-    def _threaded(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    def _threaded(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[str]]]:
         # per image, `prefetch` shares beyond the next one in flight: on a few cores the
         # share wanted next is done soonest
         pending = []
@@ -230,10 +242,10 @@ class TrainLoader:
                     f.cancel()
 
     def _done(self, keys, futures):
-        images, targets, failed = self._samples.assemble([f.result() for f in futures], keys)
+        images, targets, erase, failed = self._samples.assemble([f.result() for f in futures], keys)
         if self.pin_memory and images.numel():
             images, targets = images.pin_memory(), targets.pin_memory()
-        return images, targets, failed
+        return images, targets, erase, failed
 
     def close(self) -> None:
         """Stop the workers (processes or threads)."""

@@ -142,6 +142,7 @@ def _train(opts: TrainOptions, events: Events) -> dict:
         grad_accum=opts.grad_accum,
         clip_grad=recipe.clip_grad,
         world=world,
+        preprocessing=model.preprocessing,
     )
     loader = TrainLoader(
         sets.train,
@@ -432,7 +433,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
                 group["lr"] = lr
             if n_global > 0:
                 mix_seed = train_data.sample_seed(opts.seed, epoch, -1 - batch.step)
-                stepper.step(batch.images, batch.targets, n_global, mix_seed, s.global_step)
+                stepper.step(batch.images, batch.targets, n_global, mix_seed, s.global_step, batch.erase)
             sums["samples"] += _count(batch)
             sums["failed"] += batch.failed
             s.global_step += 1

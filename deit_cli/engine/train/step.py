@@ -11,13 +11,17 @@ import numpy as np
 import torch
 
 from ... import distributed
+from .augment import erase_batch, norm_tensors, normalize
 
 __all__ = ["Stepper"]
 
 
 class Stepper:
-    """One optimizer step on this rank's share of a global batch: mixup/cutmix, forward
-    (with the teacher), the loss, backward over `grad_accum` micro-batches, AdamW, the EMA.
+    """One optimizer step on this rank's share of a global batch: normalisation and random
+    erasing of uint8 images on the device, mixup/cutmix, forward (with the teacher), the
+    loss, backward over `grad_accum` micro-batches, the optimizer, the EMA.
+
+    `preprocessing` (default: the model's) gives the normalisation's mean and std.
 
     The loss stays on the device: `exchange` reads the window of summed losses, with the
     per-step numbers all ranks must agree on, in one reduction."""
@@ -38,6 +42,7 @@ class Stepper:
         grad_accum,
         clip_grad,
         world,
+        preprocessing=None,
     ):
         self.student, self.model, self.teacher, self.criterion = student, model, teacher, criterion
         self.optimizer, self.scaler, self.ema, self.mixup = optimizer, scaler, ema, mixup
@@ -48,6 +53,9 @@ class Stepper:
             clip_grad,
             world,
         )
+        pre = preprocessing if preprocessing is not None else getattr(model, "preprocessing", None)
+        self._norm = norm_tensors(pre, device) if pre is not None else None
+        self._erase_rng: torch.Generator | None = None
         self._zero_window()
 
     def _zero_window(self) -> None:
@@ -79,10 +87,34 @@ class Stepper:
             self._zero_window()
         return [*out[:-3], window]
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, n_global: int, mix_seed: int, global_step: int) -> None:
+    def prepare(self, x: torch.Tensor, erase: torch.Tensor | None = None) -> torch.Tensor:
+        """Images on the device, as the model takes them: uint8 ones normalised, then
+        erased where `erase` says (`augment.erase_batch`); float ones as they are."""
+        x = x.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            if self._norm is None:
+                raise ValueError("uint8 images need the preprocessing's mean and std (Stepper(preprocessing=))")
+            x = normalize(x, *self._norm)
+        if erase is not None and x.shape[0]:
+            if self._erase_rng is None:
+                self._erase_rng = torch.Generator(device=self.device)
+            erase_batch(x, erase, self._erase_rng)
+        return x
+
+    def step(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        n_global: int,
+        mix_seed: int,
+        global_step: int,
+        erase: torch.Tensor | None = None,
+    ) -> None:
+        """`x`: uint8 images (normalised here) or float ones (as they are); `erase`: their
+        random erasing draws (`TrainBatch.erase`)."""
         model, world = self.model, self.world
         n_local = x.shape[0]
-        x = x.to(self.device, non_blocking=True)
+        x = self.prepare(x, erase)
         y = y.to(self.device, non_blocking=True)
         if n_local == 0:  # this rank's images all failed: take part in the gradient sum with zero
             size = model.config.image_size
