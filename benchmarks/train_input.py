@@ -4,8 +4,11 @@
 
 Both sides decode JPEGs (generated in a temporary folder: photo-like, 500x375, quality 90)
 and apply the DeiT training augmentation at 224: random resized crop (bicubic), flip,
-RandAugment "rand-m9-mstd0.5-inc1", normalisation, random erasing (p 0.25, per-pixel),
-into float32 batches:
+RandAugment "rand-m9-mstd0.5-inc1", normalisation, random erasing (p 0.25, per-pixel).
+timm's DataLoader does all of it on the CPU, into float32 batches; deit's loader stops at
+uint8 batches with each image's erasing draws, the normalisation and the erasing noise
+being done on the device in the training step (`Stepper.step`), which this benchmark
+does not time:
 
 - deit processes: `TrainLoader(..., processes=True)`, persistent worker processes;
 - deit threads: `TrainLoader(..., processes=False)`, a thread pool in this process (what
