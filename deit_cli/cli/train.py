@@ -409,6 +409,10 @@ _FIELDS = {
     "resume": None,
     "run_dir": None,
     "data": None,
+    # recipe values: given through `overrides` under their field names
+    "model_ema_decay": None,
+    "bce_loss": None,
+    "eval_crop_ratio": None,
 }
 
 
@@ -420,7 +424,7 @@ def _given(ctx: typer.Context | None, overrides: dict) -> frozenset[str]:
             source = ctx.get_parameter_source(name)
             if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
                 field = _FIELDS.get(name, name)
-                if field is not None and name not in overrides and name != "model_ema_decay":
+                if field is not None and name not in overrides:
                     given.add(field)
     return frozenset(given)
 

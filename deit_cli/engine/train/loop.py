@@ -110,7 +110,7 @@ def _train(opts: TrainOptions, events: Events) -> dict:
 
     # ---- the models
     model = _resumed_student(ckpt, classes) if ckpt is not None else build_student(opts, classes, events)
-    model.multi_label, model.threshold = multi, opts.threshold or 0.5  # saved with the weights (deit_metadata)
+    model.multi_label, model.threshold = multi, 0.5 if opts.threshold is None else opts.threshold  # saved with the weights (deit_metadata)
     model.set_drop_path(recipe.drop_path, uniform=recipe.drop_path_schedule == "uniform")
     model.to(device).train().requires_grad_(True)
     teacher = _teacher(opts, model, device, amp_dtype, events) if opts.teacher is not None else None
@@ -171,7 +171,7 @@ def _train(opts: TrainOptions, events: Events) -> dict:
             events.note(f"the run was saved by {len(ckpt['rng'])} processes: drop path draws start afresh here")
     create_run_dir(opts.run_dir, resume=opts.resume)
     history = read_metrics(opts.run_dir / "metrics.jsonl", state.epoch) if ckpt is not None else []
-    run = Run(opts, recipe, model, ema, stepper, loader, sets, spe, state, events)
+    run = Run(opts, model, ema, stepper, loader, sets, state, events)
 
     resume_step = state.global_step if ckpt is not None else None
     with (
@@ -322,14 +322,12 @@ class RunState:
 class Run:
     """What an epoch needs: the options, the model and its stepper, the data, the state."""
 
-    opts: TrainOptions
-    recipe: object
+    opts: TrainOptions  # opts.recipe is the run's recipe
     model: DeiT
     ema: ModelEma | None
     stepper: Stepper
     loader: TrainLoader  # decoding and augmentation, made once per run
     sets: train_data.Sets
-    steps_per_epoch: int
     state: RunState
     events: Events
     stop: Stop | None = None
@@ -342,7 +340,7 @@ def _summary(run: Run, epochs_done: int) -> dict:
         "epochs": epochs_done,
         "steps": s.global_step,
         "classes": train.classes,
-        "recipe": run.recipe.name,
+        "recipe": run.opts.recipe.name,
         "distillation": run.stepper.criterion.kind,
         "teacher": run.opts.teacher,
         "train_images": len(train),
@@ -389,7 +387,7 @@ def _validation(run: Run, device: torch.device, amp_dtype) -> dict:
     kw = dict(
         device=device,
         amp_dtype=amp_dtype,
-        batch_size=max(1, run.recipe.batch_size // run.stepper.world),
+        batch_size=max(1, run.opts.recipe.batch_size // run.stepper.world),
         workers=run.opts.workers,
         threshold=run.opts.threshold,
     )
@@ -414,7 +412,8 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     steps of the epoch and at its end, whatever else read it, so a resumed run reports the
     same steps and values as an uninterrupted one (a window cut by a checkpoint is carried
     in it)."""
-    r, opts, s, stepper = run.recipe, run.opts, run.state, run.stepper
+    r, opts, s, stepper = run.opts.recipe, run.opts, run.state, run.stepper
+    spe = run.loader.steps
     world, rank, stop = stepper.world, distributed.world()[0], run.stop
     stepper.student.train()
     sums = s.running or {"loss": 0.0, "samples": 0, "failed": [], "seconds": 0.0}
@@ -423,12 +422,12 @@ def train_one_epoch(run: Run, epoch: int) -> dict:
     started = last_save = time.perf_counter()
     log_every = opts.log_every or _default_log_every(stepper.device)
     batches = run.loader.epoch(epoch, s.step_in_epoch)
-    lr, loss_shown, window_from = lr_at(s.global_step, r, run.steps_per_epoch), None, s.step_in_epoch
+    lr, loss_shown, window_from = lr_at(s.global_step, r, spe), None, s.step_in_epoch
     try:
         batch = next(batches, None)
         n_global = stepper.exchange([_count(batch)], read=False)[0]
         while batch is not None:
-            lr = lr_at(s.global_step, r, run.steps_per_epoch)
+            lr = lr_at(s.global_step, r, spe)
             for group in stepper.optimizer.param_groups:
                 group["lr"] = lr
             if n_global > 0:
@@ -509,7 +508,7 @@ def _check_finite(window: list[float], run: Run, epoch: int, first: int, last: i
     where = run.stepper.first_bad()
     last_ckpt = run.opts.run_dir / "checkpoint.pt"
     saved = f"the last good checkpoint is {last_ckpt}" if last_ckpt.is_file() else "no checkpoint was saved yet"
-    step = f"step {where[0] % run.steps_per_epoch + 1}" if where else f"steps {first + 1}-{last + 1}"
+    step = f"step {where[0] % run.loader.steps + 1}" if where else f"steps {first + 1}-{last + 1}"
     value = where[1] if where else "not finite"
     raise TrainingDiverged(
         f"loss is {value} at epoch {epoch + 1}, {step}; stopped ({saved})",
