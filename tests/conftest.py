@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,32 +97,37 @@ def colour_dir(tmp_path_factory) -> Path:
     return d
 
 
+def subprocess_env() -> dict:
+    """The environment of a `deit` child process: this checkout's deit_cli first, one thread."""
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+
+
+# torchrun's launcher with two processes (gloo on the CPU); a script or `-m deit_cli ...` follows
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def torchrun_env(cwd: Path) -> dict:
+    """`subprocess_env()` for torchrun: temporary files under cwd/tmp, no inherited rank variables."""
+    (cwd / "tmp").mkdir(exist_ok=True)
+    env = {**subprocess_env(), "TMPDIR": str(cwd / "tmp")}
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
 def torchrun(*args, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node 2 -m deit_cli ARGS...` (gloo on the CPU),
     temporary files under cwd/tmp, this checkout's deit_cli first on the path."""
-    (cwd / "tmp").mkdir(exist_ok=True)
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "TMPDIR": str(cwd / "tmp"),
-        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-    }
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "deit_cli",
-        *map(str, args),
-    ]
+    cmd = [*TORCHRUN, "-m", "deit_cli", *map(str, args)]
     # A session of its own, so that a hang kills the workers too, not only torchrun.
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, start_new_session=True
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=torchrun_env(cwd),
+        cwd=cwd,
+        start_new_session=True,
     )
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -130,3 +136,25 @@ def torchrun(*args, cwd: Path, timeout: float = 180) -> subprocess.CompletedProc
         proc.communicate()
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def signal_after_the_first_epoch(cmd: list, sig: int, *, env: dict, cwd: Path | None = None) -> tuple[int, str]:
+    """Run `cmd` (a `deit train`, piped: one line per epoch on stderr), send it `sig` once
+    epoch 1's line is out, and return (exit code, stderr). The child has a session of its
+    own, so whatever it started dies with it if it does not stop by itself."""
+    proc = subprocess.Popen(
+        [str(c) for c in cmd], stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait for epoch 1 to end, then interrupt epoch 2
+            line = proc.stderr.readline()
+            if not line or line.startswith("epoch 1"):
+                break
+        proc.send_signal(sig)
+        err = proc.stderr.read()
+        return proc.wait(timeout=120), err
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

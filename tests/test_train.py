@@ -7,7 +7,6 @@ few dozen generated images."""
 from __future__ import annotations
 
 import json
-import os
 import resource
 import signal
 import subprocess
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize, torchrun
+from conftest import randomize, signal_after_the_first_epoch, subprocess_env, torchrun
 from PIL import Image
 from training import ARCH, assert_one_step, load_weights, records
 from training import config_file as _config_file
@@ -36,10 +35,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def config_file(path: Path, **kw) -> Path:
     return _config_file(path, num_classes=3, **kw)
-
-
-def subprocess_env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
 
 
 def pattern(kind: int, rgb, seed: int, size: int = 32) -> Image.Image:
@@ -355,26 +350,8 @@ def test_resume_after_a_real_ctrl_c_is_bit_identical(tmp_path, run_cli):
     rc, _, err = run_cli(*_train_args(data, tmp_path / "whole", cfg), "-q", "--workers", "0")
     assert rc == 0, err
 
-    env = subprocess_env()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "deit_cli", *_train_args(data, tmp_path / "cut", cfg), "--workers", "2"],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # wait for epoch 1 to end, then interrupt epoch 2
-            line = proc.stderr.readline()
-            if not line or line.startswith("epoch 1"):
-                break
-        proc.send_signal(signal.SIGINT)
-        err = proc.stderr.read()
-        rc = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    cmd = [sys.executable, "-m", "deit_cli", *_train_args(data, tmp_path / "cut", cfg), "--workers", "2"]
+    rc, err = signal_after_the_first_epoch(cmd, signal.SIGINT, env=subprocess_env())
     assert rc == 130, err
     assert "interrupted at epoch 2" in err and "--resume" in err
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)

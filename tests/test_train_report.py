@@ -8,12 +8,11 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import torchrun
-from test_train import make_set, subprocess_env
+from conftest import signal_after_the_first_epoch, subprocess_env, torchrun
+from test_train import make_set
 from training import ARCH, config_file, records
 
 from deit_cli.engine.train import loop as train_loop
@@ -185,25 +184,8 @@ def test_a_run_resumed_after_a_real_ctrl_c_draws_the_uninterrupted_curves(tmp_pa
 
     rc, _, err = run_cli(*args(tmp_path / "whole"), "--report-to", "tensorboard", "-q")
     assert rc == 0, err
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "deit_cli", *map(str, args(tmp_path / "cut")), "--report-to", "tensorboard"],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=subprocess_env(),
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # wait for epoch 1 to end, then interrupt epoch 2
-            line = proc.stderr.readline()
-            if not line or line.startswith("epoch 1"):
-                break
-        proc.send_signal(signal.SIGINT)
-        err = proc.stderr.read()
-        rc = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    cmd = [sys.executable, "-m", "deit_cli", *args(tmp_path / "cut"), "--report-to", "tensorboard"]
+    rc, err = signal_after_the_first_epoch(cmd, signal.SIGINT, env=subprocess_env())
     assert rc == 130, err
     assert read_run_checkpoint(tmp_path / "cut" / "checkpoint.pt")["epoch"] >= 1
     rc, _, err = run_cli(*args(tmp_path / "cut"), "--resume", "-q")

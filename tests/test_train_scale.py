@@ -4,21 +4,19 @@ step, a NaN on one rank stops all, and one host synchronisation per step at most
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize, torchrun
+from conftest import TORCHRUN, randomize, signal_after_the_first_epoch, subprocess_env, torchrun, torchrun_env
 from PIL import Image
-from test_train import CLASSES, _train_args, make_set, save_model, subprocess_env
+from test_train import CLASSES, _train_args, make_set, plain, save_model
 from training import ARCH, config_file, load_weights, records
 
 from deit_cli.engine.train import loop as train_loop
@@ -131,21 +129,16 @@ def test_the_ema_note_says_how_much_of_the_init_remains(tmp_path, run_cpu):
     data = make_set(tmp_path / "data", 4)
     cfg = config_file(tmp_path / "cfg.json", num_classes=3)
     rc, _, err = run_cpu(
-        "train",
-        data,
-        "-o",
-        tmp_path / "run",
-        "--config",
-        cfg,
-        "--recipe",
-        "plain",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--model-ema",
-        "--model-ema-decay",
-        "0.99996",
+        *plain(
+            data,
+            tmp_path / "run",
+            cfg,
+            "--batch-size",
+            "4",
+            "--model-ema",
+            "--model-ema-decay",
+            "0.99996",
+        )
     )
     assert rc == 0, err
     note = [line for line in err.splitlines() if "EMA" in line]
@@ -169,32 +162,11 @@ def test_resume_refuses_a_flag_that_would_change_the_run(tmp_path, run_cpu):
     assert [r["epoch"] for r in records(tmp_path / "run")] == [1, 2]
 
 
-def _wait_for_epoch_line(proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line or line.startswith("epoch 1"):
-            return
-
-
 def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     data = make_set(tmp_path / "data", 40)  # 30 steps an epoch
     cfg = config_file(tmp_path / "cfg.json", num_classes=3)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "deit_cli", *map(str, _train_args(data, tmp_path / "cut", cfg)), "--workers", "0"],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=subprocess_env(),
-    )
-    try:
-        _wait_for_epoch_line(proc)
-        proc.send_signal(signal.SIGTERM)
-        err = proc.stderr.read()
-        rc = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    cmd = [sys.executable, "-m", "deit_cli", *_train_args(data, tmp_path / "cut", cfg), "--workers", "0"]
+    rc, err = signal_after_the_first_epoch(cmd, signal.SIGTERM, env=subprocess_env())
     assert rc == 143, err
     assert "interrupted at epoch 2" in err and "--resume" in err
     ckpt = read_run_checkpoint(tmp_path / "cut" / "checkpoint.pt")
@@ -287,32 +259,14 @@ def test_each_rank_gets_its_own_rng_state_back():
 # --------------------------------------------------------------------------- torchrun
 
 
-def _torchrun_popen(args: list, cwd: Path) -> subprocess.Popen:
-    (cwd / "tmp").mkdir(exist_ok=True)
-    env = {**subprocess_env(), "TMPDIR": str(cwd / "tmp")}
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "deit_cli"]
-    return subprocess.Popen(
-        [*cmd, *map(str, args)], stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, start_new_session=True
-    )
-
-
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path):
     data = make_set(tmp_path / "data", 40)
     cfg = config_file(tmp_path / "cfg.json", num_classes=3)
     whole = torchrun(*_train_args(data, tmp_path / "whole", cfg)[:-2], "-q", cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr
-    proc = _torchrun_popen([*_train_args(data, tmp_path / "cut", cfg)[:-2], "--workers", "0"], tmp_path)
-    try:
-        _wait_for_epoch_line(proc)
-        proc.send_signal(signal.SIGTERM)  # to the launcher, as a cluster's scheduler does
-        err = proc.stderr.read()
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    cmd = [*TORCHRUN, "-m", "deit_cli", *_train_args(data, tmp_path / "cut", cfg)[:-2], "--workers", "0"]
+    # to the launcher, as a cluster's scheduler does
+    _, err = signal_after_the_first_epoch(cmd, signal.SIGTERM, env=torchrun_env(tmp_path), cwd=tmp_path)
     assert err.count("interrupted at epoch 2") == 2, err  # both ranks, the same step
     steps = {line.split("step ")[1].split(";")[0] for line in err.splitlines() if "interrupted at" in line}
     assert len(steps) == 1, err
@@ -388,11 +342,9 @@ def test_torchrun_makes_one_reduction_per_step(tmp_path):
             """
         )
     )
-    env = {**subprocess_env(), "TMPDIR": str(tmp_path)}
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
+    proc = subprocess.run(
+        [*TORCHRUN, str(script)], capture_output=True, text=True, env=torchrun_env(tmp_path), cwd=tmp_path, timeout=180
+    )
     assert proc.returncode == 0, proc.stderr
     counts = [int((tmp_path / f"reduce.{rank}").read_text()) for rank in (0, 1)]  # files: stdout interleaves
     # 6 steps: one exchange each, one before the first, and the epoch's sums and stop check
@@ -448,20 +400,15 @@ def test_the_saved_model_keeps_the_evaluation_transform_it_was_validated_with(tm
     data = make_set(tmp_path / "data", 4)
     cfg = config_file(tmp_path / "cfg.json", num_classes=3)
     rc, _, err = run_cpu(
-        "train",
-        data,
-        "-o",
-        tmp_path / "run",
-        "--config",
-        cfg,
-        "--recipe",
-        "plain",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--eval-crop-ratio",
-        "0.95",
+        *plain(
+            data,
+            tmp_path / "run",
+            cfg,
+            "--batch-size",
+            "4",
+            "--eval-crop-ratio",
+            "0.95",
+        )
     )
     assert rc == 0, err
     for name in ("model.safetensors", "best.safetensors"):
