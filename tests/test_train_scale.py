@@ -365,6 +365,8 @@ def test_the_hires_recipe_fine_tunes_at_384(tmp_path, run_cpu):
         1e-8,
     )
     assert recipe.rand_augment == "rand-m9-mstd0.5-inc1" and (recipe.mixup, recipe.cutmix) == (0.8, 1.0)
+    # the release fine-tuned in eval mode (set_training_mode=args.finetune == ''): no drop path
+    assert recipe.drop_path == 0.0
     source = tiny_model(tmp_path / "tiny.safetensors", distilled=False)
     opts = TrainOptions(data="", run_dir=tmp_path / "run", recipe=recipe, model=str(source))
     assert build_student(opts, sorted(CLASSES), Events()).config.image_size == 384

@@ -14,7 +14,7 @@ The DeiT recipes (`scratch`, `finetune`, `hires`, `plain`):
 | train transform | random resized crop, flip, RandAugment m9 mstd 0.5 | the same | the same | the eval transform |
 | mixup / cutmix (switch 0.5) | 0.8 / 1.0 | 0 / 0 | 0.8 / 1.0 | 0 / 0 |
 | reprob (random erasing) | 0.25 | 0.25 | 0.25 | 0 |
-| drop_path | 0.1 | 0.1 | 0.1 | 0 |
+| drop_path | 0.1 | 0.1 | 0 (eval mode) | 0 |
 | repeated_aug | 3 | 1 | 3 | 1 |
 | model_ema (decay) | on (0.99996) | off | on (0.99996) | off |
 | clip_grad | none | none | none | none |
@@ -25,7 +25,9 @@ warm-up, and weight decay on parameters with two or more dimensions only.
 `scratch` is the paper's Table 9 and the original `main.py`; `hires` is the original README's
 fine-tuning of trained weights at 384 pixels (`--input-size 384 --lr 5e-6 --weight-decay 1e-8
 --epochs 30 --min-lr 5e-6`, 2 nodes of 8 GPUs at 32 images each: 512, with main.py's other
-defaults, the scratch augmentation among them); `plain` exists so a run can be
+defaults, the scratch augmentation among them). That main.py fine-tuned in eval mode
+(`set_training_mode=args.finetune == ''`), which for these models (no dropout, no batch
+norm) only turns drop path off: `hires` sets it to 0, the same maths; `plain` exists so a run can be
 checked exactly (nothing random but the data order); `finetune` is argued in the README.
 
 The DeiT III recipes (README_revenge.md's ImageNet-1k commands; `deit3` pre-trains from
@@ -60,9 +62,8 @@ ratio 1.0, as every evaluation command of the release does (`--eval-crop-ratio 1
 
 Fine-tuning keeps the model in train mode, as the release's `--train-mode` default does for
 training and DeiT III fine-tuning: for these models (no dropout, no batch norm) that means
-the recipe's drop path is active during fine-tuning. Our loop trains every recipe in train
-mode; the original DeiT's 384 fine-tune (`hires`) ran in eval mode in the release's first
-main.py (drop path off), a difference that recipe keeps for now.
+the recipe's drop path is active during fine-tuning. The original DeiT's 384 fine-tune
+(`hires`) ran in eval mode instead (drop path off), which that recipe's drop path of 0 is.
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ PLAIN = replace(
 )  # fmt: skip
 HIRES = replace(
     SCRATCH, name="hires", epochs=30, batch_size=512, base_lr=5e-6, min_lr=5e-6, weight_decay=1e-8, image_size=384,
+    drop_path=0.0,
 )  # fmt: skip
 DEIT3 = replace(
     SCRATCH, name="deit3", epochs=800, batch_size=2048, base_lr=None, unscale_lr=True, smoothing=0.0,
