@@ -173,6 +173,44 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     assert ckpt["epoch"] == 1 and 1 <= ckpt["step_in_epoch"] < 30
 
 
+def test_auto_resume_is_one_command_for_the_start_and_every_requeue(tmp_path, run_cpu):
+    """A cluster requeues a preempted job with the same command line: --auto-resume starts
+    the run, resumes it after the SIGTERM, and ends as the run that was never cut; run once
+    more after the end, it trains nothing."""
+    data = make_set(tmp_path / "data", 40)  # 30 steps an epoch
+    cfg = config_file(tmp_path / "cfg.json", num_classes=3)
+    rc, _, err = run_cpu(*_train_args(data, tmp_path / "whole", cfg), "-q", "--workers", "0")
+    assert rc == 0, err
+
+    job = [*_train_args(data, tmp_path / "cut", cfg), "--workers", "0", "--auto-resume"]
+    rc, err = signal_after_the_first_epoch(
+        [sys.executable, "-m", "deit_cli", *job], signal.SIGTERM, env=subprocess_env()
+    )
+    assert rc == 143, err
+    assert read_run_checkpoint(tmp_path / "cut" / "checkpoint.pt")["epoch"] == 1
+    rc, _, err = run_cpu(*job, "-q")
+    assert rc == 0, err
+    whole, cut = (
+        load_weights(tmp_path / "whole" / "model.safetensors"),
+        load_weights(tmp_path / "cut" / "model.safetensors"),
+    )
+    assert set(whole) == set(cut) and all(torch.equal(whole[k], cut[k]) for k in whole)
+    assert [r["train_loss"] for r in records(tmp_path / "cut")] == [
+        r["train_loss"] for r in records(tmp_path / "whole")
+    ]
+
+    rc, _, err = run_cpu(*job, "-q")  # requeued once more after the end
+    assert rc == 0, err
+    assert len(records(tmp_path / "cut")) == 3
+    assert torch.equal(load_weights(tmp_path / "cut" / "model.safetensors")["pos_embed"], cut["pos_embed"])
+
+    rc, _, err = run_cpu(*job, "--force")
+    assert rc == 2 and "--auto-resume and --force" in err
+    (tmp_path / "cut" / "checkpoint.pt").unlink()  # a run dir with a run but nothing to resume is kept, not replaced
+    rc, _, err = run_cpu(*job)
+    assert rc == 73 and "already holds a run" in err
+
+
 class _CrashAt(Events):
     """A run that dies (as a killed node would) at a given step of the first epoch."""
 

@@ -242,6 +242,14 @@ def train(
             "--resume", help="Continue the run in RUN_DIR with its saved settings (with --epochs: up to that many)."
         ),
     ] = False,
+    auto_resume: Annotated[
+        bool,
+        typer.Option(
+            "--auto-resume",
+            help="--resume when RUN_DIR holds a checkpoint, else start the run there: one command for the "
+            "first start and every requeue after a preemption.",
+        ),
+    ] = False,
     force: ForceOpt = False,
     device: DeviceOpt = "auto",
     dtype: Annotated[
@@ -293,7 +301,7 @@ def train(
 
     RUN_DIR receives model.safetensors (the raw weights at the end: what the paper reports), best.safetensors (the raw weights of the best validation epoch), ema.safetensors (with --model-ema), checkpoint.pt (resume with --resume), metrics.jsonl and, with --report-to tensorboard, tensorboard/ (event files). Ctrl-C or SIGTERM (preemption) saves a checkpoint at the next step and exits 130 / 143; --checkpoint-every saves mid-epoch too.
 
-    --resume continues the run with its saved settings: a flag given again must agree with them (only --epochs, --device, --workers, --compile, --log-every, --checkpoint-every and --report-to may change).
+    --resume continues the run with its saved settings: a flag given again must agree with them (only --epochs, --device, --workers, --compile, --log-every, --checkpoint-every and --report-to may change). On a cluster that requeues preempted jobs, give --auto-resume: the same command starts the run, then resumes it after each preemption.
 
     Under torchrun the same command trains the same model on any number of processes when mixup/cutmix and drop path are off (--recipe plain, or --mixup 0 --cutmix 0 --drop-path 0): mixup pairs images within each process's share, and drop path draws per process.
 
@@ -309,6 +317,12 @@ def train(
 
     if resume and force:
         raise UsageError("--resume and --force disagree; give one of them")
+    if auto_resume:
+        if force:
+            raise UsageError("--auto-resume and --force disagree; give one of them")
+        from ..engine.train.run_dir import has_checkpoint
+
+        resume = resume or has_checkpoint(run_dir)
     cfg = None
     if config is not None:
         try:
@@ -407,6 +421,7 @@ _FIELDS = {
     "quiet": None,
     "force": None,
     "resume": None,
+    "auto_resume": None,
     "run_dir": None,
     "data": None,
     # recipe values: given through `overrides` under their field names

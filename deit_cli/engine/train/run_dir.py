@@ -27,6 +27,7 @@ __all__ = [
     "META_RUN",
     "RUN_FILES",
     "create_run_dir",
+    "has_checkpoint",
     "prepare_run_dir",
     "read_metrics",
     "read_run_checkpoint",
@@ -42,13 +43,19 @@ CHECKPOINT_FORMAT = "deit-train/1"
 META_RUN = "deit.run"
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether RUN_DIR holds a run to resume (what `--auto-resume` decides by). Every rank
+    asks before the process group starts, so before any rank can have written one."""
+    return (run_dir / "checkpoint.pt").is_file()
+
+
 def prepare_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
     """Refuse a RUN_DIR that is not a directory, or holds a run without --resume/--force."""
     if run_dir.exists() and not run_dir.is_dir():
         raise OutputExists(f"{run_dir}: exists and is not a directory")
     holds = [name for name in RUN_FILES if (run_dir / name).exists()]
     if resume:
-        if not (run_dir / "checkpoint.pt").is_file():
+        if not has_checkpoint(run_dir):
             raise InputNotFound(f"{run_dir}: no checkpoint.pt to resume from")
         return
     if holds and not force:
