@@ -36,6 +36,16 @@ def smooth(w: int, h: int) -> Image.Image:
     return Image.fromarray(np.stack([r, g, b], -1).round().astype(np.uint8))
 
 
+def photo(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A photo-like picture: smooth colour waves of a few tens of pixels, plus grain."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    fx, fy, phase = rng.uniform(8, 40, 3)
+    base = np.stack([127 + 100 * np.sin(x / fx + phase), 127 + 100 * np.cos(y / fy), 127 + 60 * np.sin((x + y) / 23)])
+    grain = rng.normal(0, 6, (h, w, 3))
+    return Image.fromarray(np.clip(base.transpose(1, 2, 0) + grain, 0, 255).astype(np.uint8))
+
+
 def save(img: Image.Image, path: Path, **kwargs) -> Path:
     img.save(path, **kwargs)
     return path

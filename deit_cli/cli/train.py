@@ -268,6 +268,15 @@ def train(
         ),
     ] = 1,
     workers: WorkersOpt = None,
+    full_decode: Annotated[
+        bool,
+        typer.Option(
+            "--full-decode",
+            help="Decode every image at full size, for timm's exact pixels. By default a large JPEG is decoded at "
+            "the reduced scale (1/2, 1/4, 1/8) at which its random crop still covers the training size: the same "
+            "crop, resampled otherwise, several times faster on phone photos.",
+        ),
+    ] = False,
     log_every: Annotated[
         int | None,
         typer.Option(
@@ -390,6 +399,7 @@ def train(
         log_every=log_every,
         checkpoint_every=checkpoint_every,
         report_to=report_to.value,
+        full_decode=full_decode,
         given=_given(ctx, overrides),
     )
     output.set_batch_size(opts.recipe.batch_size)

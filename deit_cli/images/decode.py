@@ -13,13 +13,13 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import ExifTags, Image, ImageFile, ImageOps
 
 from .._version import __version__
 from ..errors import EXIT_DATA, EXIT_NO_INPUT, DeiTError, InputNotFound
@@ -47,11 +47,29 @@ class ImageNotFound(ImageError, InputNotFound):
 
 @dataclass
 class Decoded:
-    """A decoded image, always 8-bit RGB, and notes on what was done to get it."""
+    """A decoded image, always 8-bit RGB, and notes on what was done to get it.
+
+    `scale` is 1, or for a JPEG decoded at reduced scale (`decode_image`'s `reduce`) the
+    DCT scale 2, 4 or 8: `image` is then 1/scale of the full size, rounded up, and
+    `region` maps a box of the full-size image to it."""
 
     image: Image.Image
     notes: list[str] = field(default_factory=list)
     format: str | None = None
+    scale: int = 1
+    # full-size pixels by which the reduced pixel grid starts before the left and top
+    # edges: an axis that the orientation reverses, and whose size is not a multiple of
+    # `scale`, has the partial block of its far edge first
+    shift: tuple[int, int] = (0, 0)
+
+    def region(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        """A box (left, top, right, bottom) of the full-size (oriented) image, in `image`'s
+        coordinates: the same part of the picture (floats where the image is reduced)."""
+        if self.scale == 1:
+            return box
+        (dx, dy), s = self.shift, self.scale
+        left, top, right, bottom = box
+        return (left + dx) / s, (top + dy) / s, (right + dx) / s, (bottom + dy) / s
 
 
 # (magic bytes at offset 0, Pillow format). WebP is checked separately (RIFF....WEBP).
@@ -212,7 +230,68 @@ def _to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
     return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
 
 
-def _decode_stream(fp: BinaryIO, name: str, *, exif_transpose: bool, allow_truncated: bool, max_pixels: int) -> Decoded:
+# EXIF orientation -> the transpose that shows the image upright (ImageOps.exif_transpose's)
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SWAPS_AXES = (5, 6, 7, 8)
+# whether the upright image's x and y axes run against the stored axes they come from
+_REVERSED = {1: (False, False), 2: (True, False), 3: (True, True), 4: (False, True)}
+_REVERSED.update({o + 4: r for o, r in _REVERSED.items()})
+
+
+def _orientation(im: Image.Image, notes: list[str]) -> int:
+    """The EXIF orientation (1: upright, or unknown), as ImageOps.exif_transpose reads it
+    (a JPEG's before its pixels are decoded)."""
+    try:
+        orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+        return orientation if orientation in _TRANSPOSE else 1
+    except Exception as exc:  # noqa: BLE001 - a broken EXIF block should not lose the pixels
+        notes.append(f"EXIF orientation ignored ({exc})")
+        return 1
+
+
+@contextmanager
+def _decode_errors(name: str, fmt: str) -> Iterator[None]:
+    """Whatever Pillow raises while opening or decoding, as one ImageError line."""
+    try:
+        yield
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        # Pillow's own hard limit (twice Image.MAX_IMAGE_PIXELS), hit while opening.
+        detail = str(exc).split(",")[0]
+        raise ImageError(f"{name}: possible decompression bomb ({detail})") from None
+    except MemoryError:
+        raise ImageError(f"{name}: out of memory decoding {fmt}") from None
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error...
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "truncated" in msg:
+            raise ImageError(
+                f"{name}: truncated {fmt} file ({msg})",
+                hint="it may be incomplete; allow truncated images to decode what is there",
+            ) from None
+        raise ImageError(f"{name}: cannot decode {fmt} ({msg})") from None
+
+
+Reduce = Callable[[int, int], int]
+
+
+def _decode_stream(
+    fp: BinaryIO,
+    name: str,
+    *,
+    exif_transpose: bool,
+    allow_truncated: bool,
+    max_pixels: int,
+    reduce: Reduce | None = None,
+) -> Decoded:
     head = fp.read(16)
     try:
         fmt = _sniff(head)
@@ -220,8 +299,9 @@ def _decode_stream(fp: BinaryIO, name: str, *, exif_transpose: bool, allow_trunc
         raise ImageError(f"{name}: {exc}", hint="allowed: JPEG, PNG, WebP, GIF, BMP, TIFF") from None
     fp.seek(0)
     notes: list[str] = []
+    orientation, scale, shift = None, 1, (0, 0)
     with _truncated.set(allow_truncated):
-        try:
+        with _decode_errors(name, fmt):
             with _open_lock, warnings.catch_warnings():
                 # Our own limit below decides; Pillow's warning would only be noise.
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -235,31 +315,34 @@ def _decode_stream(fp: BinaryIO, name: str, *, exif_transpose: bool, allow_trunc
             if frames > 1:
                 im.seek(0)
                 notes.append(f"first frame of {frames}")
+            if reduce is not None and fmt == "JPEG":
+                # a JPEG's EXIF block is read with its header: the upright size is known here
+                orientation = _orientation(im, notes) if exif_transpose else 1
+        if orientation is not None:  # outside the error mapping: the caller's exceptions are its own
+            n = reduce(*((h, w) if orientation in _SWAPS_AXES else (w, h)))
+        with _decode_errors(name, fmt):
+            if orientation is not None and n >= 2:
+                # Pillow's draft picks the largest DCT scale (8, 4, 2) that keeps each side
+                # at least the size asked: these sizes give the largest one up to n
+                a = 8 if n >= 8 else 4 if n >= 4 else 2
+                drafted = im.draft("RGB", (max(1, w // a), max(1, h // a)))
+                if drafted is not None:  # None: a JPEG Pillow decodes only at full size
+                    scale = round(w / drafted[1][2])
+                    pads = ((-w) % scale, (-h) % scale)
+                    if orientation in _SWAPS_AXES:
+                        pads = pads[::-1]
+                    shift = tuple(pad if rev else 0 for pad, rev in zip(pads, _REVERSED[orientation], strict=True))
             im.load()  # inside the try: corrupt data must fail here, not later
-            if exif_transpose:
+            if orientation in _TRANSPOSE:  # read before the draft: the transpose the caller was told of
+                im = im.transpose(_TRANSPOSE[orientation])
+            elif orientation is None and exif_transpose:
                 try:
                     ImageOps.exif_transpose(im, in_place=True)
                 except Exception as exc:  # a broken EXIF block should not lose the pixels
                     notes.append(f"EXIF orientation ignored ({exc})")
             image = _to_rgb(im, notes)
             image.load()
-        except ImageError:
-            raise
-        except Image.DecompressionBombError as exc:
-            # Pillow's own hard limit (twice Image.MAX_IMAGE_PIXELS), hit while opening.
-            detail = str(exc).split(",")[0]
-            raise ImageError(f"{name}: possible decompression bomb ({detail})") from None
-        except MemoryError:
-            raise ImageError(f"{name}: out of memory decoding {fmt}") from None
-        except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error...
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if "truncated" in msg:
-                raise ImageError(
-                    f"{name}: truncated {fmt} file ({msg})",
-                    hint="it may be incomplete; allow truncated images to decode what is there",
-                ) from None
-            raise ImageError(f"{name}: cannot decode {fmt} ({msg})") from None
-    return Decoded(image=image, notes=notes, format=fmt)
+    return Decoded(image=image, notes=notes, format=fmt, scale=scale, shift=shift)
 
 
 def decode_bytes(
@@ -286,6 +369,7 @@ def decode_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     timeout: float = DEFAULT_URL_TIMEOUT,
     max_bytes: int = DEFAULT_URL_MAX_BYTES,
+    reduce: Reduce | None = None,
 ) -> Decoded:
     """Decode one image safely into 8-bit RGB.
 
@@ -295,6 +379,14 @@ def decode_image(
     orientation is applied (unless `exif_transpose=False`); transparency is composited on
     white; 16-bit images are scaled to 8 bits; animations give their first frame (noted).
     URLs are fetched with `timeout` seconds and `max_bytes` at most.
+
+    `reduce(width, height)`, if given, is called with a JPEG's upright size (after its
+    EXIF orientation, unless `exif_transpose=False`) once the header is read and checked,
+    before any pixel is decoded; it returns the largest n by which the caller can use the
+    image reduced, and the JPEG is decoded at the largest DCT scale 1/2, 1/4 or 1/8 not
+    beyond 1/n (Pillow's `Image.draft`: libjpeg's scaled decoding, far cheaper than a full
+    decode). `Decoded.scale` says which, and `Decoded.region` maps full-size boxes to it.
+    Other formats decode at full size without a call.
     Raises ImageError (or its subclass ImageNotFound) with a one-line message.
     """
     if isinstance(source, InputItem):
@@ -304,7 +396,7 @@ def decode_image(
     else:
         name = os.fspath(source)
         url = is_url(name)
-    options = dict(exif_transpose=exif_transpose, allow_truncated=allow_truncated, max_pixels=max_pixels)
+    options = dict(exif_transpose=exif_transpose, allow_truncated=allow_truncated, max_pixels=max_pixels, reduce=reduce)
     if url:
         data = _fetch(name, timeout, max_bytes)
         return _decode_stream(io.BytesIO(data), name, **options)

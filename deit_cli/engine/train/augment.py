@@ -22,6 +22,14 @@ one of grayscale, solarization or Gaussian blur chosen uniformly, then colour ji
 each op calls the library op the release calls, on draws from the sample's generator
 (tests/test_deit3_train.py).
 
+The cropping transforms work in two steps, so that a large JPEG need not be decoded at
+full size: `draw(width, height, rng)` makes the crop's draws from the image's size alone
+(the first draws of the sample, as timm makes them), `reduction` says by how much the image
+may be decoded reduced with the crop still covering the output size, and `finish(image,
+drawn, rng, reduced)` does the rest on the pixels, where `reduced` maps full-size boxes to
+an image decoded at reduced scale (`Decoded.region`). Called as `transform(image, rng)`,
+they do both steps on a full-size image: timm's pixels.
+
 `Mixup` is timm's batch-wise mixup/cutmix (switch probability 0.5, label smoothing folded
 into the soft targets), driven by a generator seeded per step.
 """
@@ -31,6 +39,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +51,9 @@ from ...images.transform import eval_transform
 from ...variants import Preprocessing
 
 _BICUBIC = Image.Resampling.BICUBIC
+
+Box = tuple[int, int, int, int]  # (left, top, right, bottom)
+Reduced = Callable[[Box], tuple[float, float, float, float]]  # full-size box -> a reduced image's (Decoded.region)
 
 
 def to_uint8(img: Image.Image) -> torch.Tensor:
@@ -104,6 +116,23 @@ def rrc_box(w: int, h: int, rng: random.Random, scale=(0.08, 1.0), ratio=(3 / 4,
         cw, ch = w, h
     top, left = (h - ch) // 2, (w - cw) // 2
     return left, top, left + cw, top + ch
+
+
+def reduction(box: Box, size: int) -> int:
+    """The largest n such that `box`, 1/n as large, still covers `size` pixels each way: the
+    image may be decoded at 1/n and the crop's resize to `size` is still no upscale."""
+    left, top, right, bottom = box
+    return min(right - left, bottom - top) // size
+
+
+def resized_crop(image: Image.Image, box: Box, size: int, reduced: Reduced | None = None) -> Image.Image:
+    """`box` of `image` resized to `size` x `size` (bicubic). On a full-size image: crop,
+    then resize, as torchvision's resized_crop (a resize with box= would read pixels beyond
+    the box's edges). On an image decoded at reduced scale (`reduced` maps the box to it):
+    one resize of the box's fractional region, the pixels no longer timm's anyway."""
+    if reduced is None:
+        return image.crop(box).resize((size, size), _BICUBIC)
+    return image.resize((size, size), _BICUBIC, box=reduced(box))
 
 
 # RandAugment. Magnitudes are on timm's 0-10 scale; each `_level_*` is timm's level_to_arg
@@ -302,10 +331,21 @@ class TrainTransform:
         self.reprob = reprob
 
     def __call__(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, tuple | None]:
+        return self.finish(image, self.draw(*image.size, rng), rng)
+
+    def draw(self, width: int, height: int, rng: random.Random) -> Box:
+        """The random resized crop's box, from the image's size alone (its first draws)."""
+        return rrc_box(width, height, rng)
+
+    def reduction(self, box: Box) -> int:
+        return reduction(box, self.image_size)
+
+    def finish(
+        self, image: Image.Image, box: Box, rng: random.Random, reduced: Reduced | None = None
+    ) -> tuple[torch.Tensor, tuple | None]:
+        """The transform after `draw`: the crop, then the flip, RandAugment and erasing's draws."""
         s = self.image_size
-        # crop, then resize: torchvision's resized_crop (a resize with box= would read
-        # pixels beyond the box's edges)
-        img = image.crop(rrc_box(*image.size, rng)).resize((s, s), _BICUBIC)
+        img = resized_crop(image, box, s, reduced)
         if rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if self.rand_augment is not None:
@@ -357,14 +397,18 @@ def erase_batch(x: torch.Tensor, erase: torch.Tensor, generator: torch.Generator
         x[i, :, top : top + eh, left : left + ew] = noise
 
 
-def simple_crop(img: Image.Image, size: int, top: int, left: int) -> Image.Image:
+def simple_crop(
+    img: Image.Image, size: int, top: int, left: int, *, reduced: Reduced | None = None, full_size=None
+) -> Image.Image:
     """3-Augment's simple crop given its offsets into the padded image: torchvision's
     Resize(size, bicubic) (the shorter side to `size`), then RandomCrop(size, padding=4,
-    padding_mode="reflect")."""
-    w, h = img.size
+    padding_mode="reflect"). For an image decoded at reduced scale, `full_size` is its
+    full (width, height) and `reduced` maps full-size boxes to it."""
+    w, h = full_size or img.size
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(size * long / short)
-    img = img.resize((size, new_long) if w <= h else (new_long, size), _BICUBIC)
+    region = reduced((0, 0, w, h)) if reduced is not None else None
+    img = img.resize((size, new_long) if w <= h else (new_long, size), _BICUBIC, box=region)
     padded = np.pad(np.asarray(img), ((4, 4), (4, 4), (0, 0)), mode="reflect")
     return Image.fromarray(padded[top : top + size, left : left + size])
 
@@ -417,11 +461,32 @@ class ThreeAugment:
         self.image_size, self.jitter, self.simple = pre.image_size, color_jitter, simple
 
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
-        s = self.image_size
+        return self.finish(image, self.draw(*image.size, rng), rng)
+
+    def draw(self, width: int, height: int, rng: random.Random) -> tuple[Box, tuple[int, int] | None]:
+        """The crop's draws from the image's size alone: (the box that is resized, the
+        simple crop's offsets or None). The simple crop resizes the whole image."""
         if self.simple:
-            img = simple_crop(image, s, *simple_crop_offsets(image.size, s, rng))
+            return (0, 0, width, height), simple_crop_offsets((width, height), self.image_size, rng)
+        return rrc_box(width, height, rng), None
+
+    def reduction(self, drawn: tuple[Box, tuple[int, int] | None]) -> int:
+        return reduction(drawn[0], self.image_size)
+
+    def finish(
+        self,
+        image: Image.Image,
+        drawn: tuple[Box, tuple[int, int] | None],
+        rng: random.Random,
+        reduced: Reduced | None = None,
+    ) -> torch.Tensor:
+        """The transform after `draw`: the crop, then the flip, the secondary op and the jitter."""
+        s = self.image_size
+        box, offsets = drawn
+        if offsets is not None:
+            img = simple_crop(image, s, *offsets, reduced=reduced, full_size=box[2:])
         else:
-            img = image.crop(rrc_box(*image.size, rng)).resize((s, s), _BICUBIC)
+            img = resized_crop(image, box, s, reduced)
         if rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         img = self.secondary(img, rng)

@@ -15,6 +15,14 @@ counted (`TrainBatch.failed`), never a crash.
 
 Batches hold uint8 images (normalised on the device, `Stepper.step`) and, where the
 transform draws random erasing, each image's drawn box and noise seed (`TrainBatch.erase`).
+
+A large JPEG (a phone's 4000x3000) is decoded at reduced scale: the transform draws its crop
+from the size in the header, and the JPEG is decoded at the largest DCT scale (1/2, 1/4,
+1/8) at which the crop still covers the output size, a fraction of a full decode's work.
+The draws are the same and the crop the same part of the picture; the pixels differ from a
+full decode's by the resampling (libjpeg's scaled decode, then a shorter bicubic resize).
+Other formats, smaller JPEGs and crops too small for it decode at full size, exactly as
+`reduce=False` (`deit train --full-decode`) decodes every image: timm's pixels.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
@@ -49,15 +58,33 @@ def default_processes(workers: int) -> bool:
     return workers > 2
 
 
-def load_sample(item: InputItem, transform, seed: int, options: dict):
+def load_sample(item: InputItem, transform, seed: int, options: dict, reduce: bool = True):
     """((the augmented tensor, its erasing draws or None), None), or (None, the one-line
     reason the image was skipped). A transform returns the tensor, or (tensor, erasing
-    draws) as `TrainTransform` does."""
+    draws) as `TrainTransform` does.
+
+    With `reduce`, a transform that draws its crop from the size (`draw`, `reduction`,
+    `finish`, as `TrainTransform` and `ThreeAugment`) has a JPEG decoded at the reduced
+    scale its crop allows; the draws are the same ones, in the same order."""
     from ...images.decode import ImageError, decode_image
 
+    rng = random.Random(seed)
     try:
-        image = decode_image(item, **options).image
-        out = transform(image, random.Random(seed))
+        if reduce and hasattr(transform, "draw"):
+            drawn = []
+
+            def reduction(width: int, height: int) -> int:  # a JPEG's upright size, before its pixels
+                drawn.append(transform.draw(width, height, rng))
+                return transform.reduction(drawn[0])
+
+            decoded = decode_image(item, **options, reduce=reduction)
+            if drawn:
+                reduced = decoded.region if decoded.scale > 1 else None
+                out = transform.finish(decoded.image, drawn[0], rng, reduced)
+            else:  # not a JPEG: drawn from the decoded size
+                out = transform(decoded.image, rng)
+        else:
+            out = transform(decode_image(item, **options).image, rng)
         return (out if isinstance(out, tuple) else (out, None)), None
     except ImageError as e:
         return None, e.one_line()
@@ -95,14 +122,14 @@ class _Samples(Dataset):
     `erase` is None where no image of the share drew an erasing box, else (n, 5) int64
     rows (top, left, height, width, noise seed), -1 for an image left alone."""
 
-    def __init__(self, data: TrainSet, transform, seed: int, decode_options: dict):
+    def __init__(self, data: TrainSet, transform, seed: int, decode_options: dict, reduce: bool):
         self.data, self.transform, self.seed, self.options = data, transform, seed, decode_options
+        self.reduce = reduce
 
     def load(self, key: Key):
         epoch, position, index = key
-        return load_sample(
-            self.data.items[index], self.transform, sample_seed(self.seed, epoch, position), self.options
-        )
+        seed = sample_seed(self.seed, epoch, position)
+        return load_sample(self.data.items[index], self.transform, seed, self.options, self.reduce)
 
     def __getitems__(self, keys: list[Key]):
         return self.assemble([self.load(k) for k in keys], keys)
@@ -121,7 +148,10 @@ class _Samples(Dataset):
         images = torch.empty((len(rows), *rows[0].shape), dtype=rows[0].dtype)
         if get_worker_info() is not None:  # stacked straight into shared memory: no copy to send it
             images.share_memory_()
-        torch.stack(rows, out=images)
+        # numpy's copy, not torch.stack: in a loader thread torch's would start an OpenMP team
+        # whose spinning threads take the cores from the decoding (at 1 worker thread on 2
+        # cores, 5.1 CPU ms an image against 3.3; benchmarks/train_input.py)
+        np.stack([row.numpy() for row in rows], out=images.numpy())
         erase = None
         if any(e is not None for e in erases):
             erase = torch.tensor([(-1,) * 5 if e is None else e for e in erases], dtype=torch.int64)
@@ -149,6 +179,8 @@ class TrainLoader:
     `default_processes(workers)`: threads up to 2 workers, processes beyond.
     `pin_memory` (for a CUDA device; ignored where there is no accelerator) hands over
     page-locked batches, which `.to(device, non_blocking=True)` copies without blocking.
+    `reduce` False decodes every image at full size (`load_sample`): timm's pixels, where
+    True decodes a large JPEG at the reduced scale its crop allows.
     Worker processes start with the first epoch and serve the run's every epoch;
     `close()` (or a `with` block) stops them.
     """
@@ -168,13 +200,14 @@ class TrainLoader:
         pin_memory: bool = False,
         decode_options: dict | None = None,
         prefetch: int = 2,
+        reduce: bool = True,
     ):
         self.workers = default_workers() if workers is None else max(0, workers)
         self.processes = default_processes(self.workers) if processes is None else processes
         self.pin_memory = pin_memory and torch.accelerator.is_available()  # nothing to pin for without one
         self.prefetch = prefetch
         self._shares = _Shares(len(data), batch_size, seed, rank, world_size, repeats)
-        self._samples = _Samples(data, transform, seed, decode_options or {})
+        self._samples = _Samples(data, transform, seed, decode_options or {}, reduce)
         self._loader: DataLoader | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._stream: Iterator | None = None  # batches from (epoch, step) `_next` on

@@ -154,6 +154,7 @@ def _train(opts: TrainOptions, events: Events) -> dict:
         repeats=recipe.repeated_aug,
         workers=opts.workers,
         pin_memory=device.type == "cuda",
+        reduce=not opts.full_decode,
     )
     spe = loader.steps
     if ema is not None and (note := ema_note(recipe.ema_decay, recipe.epochs * spe)):

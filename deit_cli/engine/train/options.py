@@ -113,6 +113,7 @@ class TrainOptions:
     log_every: int | None = None  # steps between reads of the loss (None: about twice a second)
     checkpoint_every: float | None = None  # minutes between mid-epoch checkpoints (None: each epoch only)
     report_to: str = "none"  # or "tensorboard": event files in RUN_DIR/tensorboard (the tensorboard extra)
+    full_decode: bool = False  # True: every image at full size (timm's pixels); False: large JPEGs reduced
     given: frozenset[str] = field(default_factory=frozenset)
 
     def to_plain(self) -> dict:
@@ -169,6 +170,7 @@ def check_options(opts: TrainOptions) -> None:
 
 def resumed_options(opts: TrainOptions, saved: dict, epochs_done: int) -> TrainOptions:
     """The saved run's options, with what `opts` may change; a differing flag is refused."""
+    saved = {"full_decode": True, **saved}  # a run saved before --full-decode existed decoded every image in full
     saved_recipe = Recipe.from_dict(saved["recipe"])
     saved_config = DeiTConfig.from_dict(saved["config"]) if saved.get("config") else None
     differ = []
