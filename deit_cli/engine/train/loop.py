@@ -110,7 +110,10 @@ def _train(opts: TrainOptions, events: Events) -> dict:
 
     # ---- the models
     model = _resumed_student(ckpt, classes) if ckpt is not None else build_student(opts, classes, events)
-    model.multi_label, model.threshold = multi, 0.5 if opts.threshold is None else opts.threshold  # saved with the weights (deit_metadata)
+    model.multi_label, model.threshold = (
+        multi,
+        0.5 if opts.threshold is None else opts.threshold,
+    )  # saved with the weights (deit_metadata)
     model.set_drop_path(recipe.drop_path, uniform=recipe.drop_path_schedule == "uniform")
     model.to(device).train().requires_grad_(True)
     teacher = _teacher(opts, model, device, amp_dtype, events) if opts.teacher is not None else None
