@@ -24,6 +24,7 @@ from test_train import make_set
 from training import ARCH, load_weights, records
 
 from deit_cli.config import LAYER_SCALE_INIT, DeiTConfig
+from deit_cli.engine.peers import timm_module
 from deit_cli.engine.train.augment import (
     Mixup,
     ThreeAugment,
@@ -39,27 +40,12 @@ from deit_cli.model import DeiT
 from deit_cli.variants import Preprocessing, find_variant
 
 timm = pytest.importorskip("timm")
-from timm.models.vision_transformer import VisionTransformer
 from timm.optim import Lamb as TimmLamb
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # a tiny DeiT III: LayerScale at the release's 1e-4, the position embedding on the patches only
 TINY3 = DeiTConfig(**ARCH, distilled=False, num_classes=3, layer_scale_init=LAYER_SCALE_INIT, pos_embed_prefix=False)
-
-
-def timm_deit3(cfg: DeiTConfig) -> VisionTransformer:
-    """timm's deit3 architecture (VisionTransformer, no_embed_class, LayerScale) of `cfg`."""
-    return VisionTransformer(
-        img_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        embed_dim=cfg.embed_dim,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        num_classes=cfg.num_classes,
-        no_embed_class=True,
-        init_values=cfg.layer_scale_init,
-    )
 
 
 def release_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -278,7 +264,7 @@ def test_one_deit3_step_equals_a_reference_step_from_timm():
     from deit_cli.engine.train.step import Stepper
 
     model = randomize(DeiT(TINY3), 3)
-    ref = timm_deit3(TINY3)
+    ref = timm_module(TINY3)  # timm's deit3 architecture: VisionTransformer, no_embed_class, LayerScale
     ref.load_state_dict(model.state_dict())  # our keys are timm's
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(6, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, 0, 1, 2])

@@ -10,36 +10,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from functools import partial
 
 import pytest
 import torch
 from torch import nn
 
 from deit_cli.config import DeiTConfig
+from deit_cli.engine.peers import timm_module
 from deit_cli.model import DeiT
 from deit_cli.variants import find_variant
 
-vit = pytest.importorskip("timm.models.vision_transformer")
-from timm.models.deit import VisionTransformerDistilled
+pytest.importorskip("timm")
 
 SMALL = DeiTConfig(image_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
 
 
 def timm_model(cfg: DeiTConfig) -> nn.Module:
-    cls = VisionTransformerDistilled if cfg.distilled else vit.VisionTransformer
     torch.manual_seed(0)
-    return cls(
-        img_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        embed_dim=cfg.embed_dim,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        mlp_ratio=cfg.mlp_ratio,
-        qkv_bias=cfg.qkv_bias,
-        num_classes=cfg.num_classes,
-        norm_layer=partial(nn.LayerNorm, eps=cfg.layer_norm_eps),
-    )
+    return timm_module(cfg)
 
 
 def mismatches(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> list[str]:

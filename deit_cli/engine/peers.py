@@ -15,6 +15,7 @@ from contextlib import nullcontext
 
 import torch
 
+from ..config import DeiTConfig
 from ..devices import DTYPE_NAMES
 from ..errors import UsageError
 from ..model import DeiT
@@ -27,6 +28,37 @@ def _import_peer(name: str):
         return importlib.import_module(name)
     except ImportError:
         return None
+
+
+def timm_module(cfg: DeiTConfig) -> torch.nn.Module:
+    """timm's module for `cfg`'s architecture (VisionTransformer, VisionTransformerDistilled
+    for distilled models, the deit3_* options for DeiT III) as timm initialises it: no
+    weights loaded. Raises UsageError for an architecture timm cannot express."""
+    from functools import partial
+
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer
+
+    if cfg.distilled and not cfg.has_dist_head and cfg.num_classes > 0:
+        raise UsageError("timm has no distilled model without a distillation head")
+    kw = dict(
+        img_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        qkv_bias=cfg.qkv_bias,
+        num_classes=cfg.num_classes,
+        norm_layer=partial(torch.nn.LayerNorm, eps=cfg.layer_norm_eps),
+    )
+    if cfg.distilled and not cfg.pos_embed_prefix:  # its distilled class keeps prefix slots in pos_embed
+        raise UsageError("timm has no distilled model with a patch-only position embedding")
+    if cfg.layer_scale_init is not None or not cfg.pos_embed_prefix:
+        # DeiT III, as timm's deit3_* builds it (its state dict keys are our canonical ones)
+        kw.update(init_values=cfg.layer_scale_init, no_embed_class=not cfg.pos_embed_prefix)
+    return VisionTransformerDistilled(**kw) if cfg.distilled else VisionTransformer(**kw, global_pool="token")
 
 
 def build_peer(name: str, model: DeiT) -> torch.nn.Module:
@@ -50,31 +82,7 @@ def build_peer(name: str, model: DeiT) -> torch.nn.Module:
     cfg = model.config
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     if name == "timm":
-        from functools import partial
-
-        from timm.models.deit import VisionTransformerDistilled
-        from timm.models.vision_transformer import VisionTransformer
-
-        if cfg.distilled and not cfg.has_dist_head and cfg.num_classes > 0:
-            raise UsageError("timm has no distilled model without a distillation head")
-        kw = dict(
-            img_size=cfg.image_size,
-            patch_size=cfg.patch_size,
-            in_chans=cfg.in_chans,
-            embed_dim=cfg.embed_dim,
-            depth=cfg.depth,
-            num_heads=cfg.num_heads,
-            mlp_ratio=cfg.mlp_ratio,
-            qkv_bias=cfg.qkv_bias,
-            num_classes=cfg.num_classes,
-            norm_layer=partial(torch.nn.LayerNorm, eps=cfg.layer_norm_eps),
-        )
-        if cfg.distilled and not cfg.pos_embed_prefix:  # its distilled class keeps prefix slots in pos_embed
-            raise UsageError("timm has no distilled model with a patch-only position embedding")
-        if cfg.layer_scale_init is not None or not cfg.pos_embed_prefix:
-            # DeiT III, as timm's deit3_* builds it (its state dict keys are our canonical ones)
-            kw.update(init_values=cfg.layer_scale_init, no_embed_class=not cfg.pos_embed_prefix)
-        net = VisionTransformerDistilled(**kw) if cfg.distilled else VisionTransformer(**kw, global_pool="token")
+        net = timm_module(cfg)
         net.load_state_dict(sd, strict=True)
         if cfg.distilled:
             net.set_distilled_training(False)
