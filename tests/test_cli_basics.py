@@ -63,6 +63,30 @@ def test_every_command_has_help(run_cli):
         assert rc == 0 and "Usage" in out
 
 
+def test_help_text_is_shown_whole():
+    """Help is rendered as rich markup: an unescaped `[onnx]` or `[@revision]` would vanish
+    from --help (and `[default: ...]` written by hand too)."""
+    from rich.markup import render
+    from typer.main import get_command
+
+    from deit_cli.cli.app import app
+
+    for name, cmd in get_command(app).commands.items():
+        for where, text in [("help", cmd.help), *((p.name, getattr(p, "help", None)) for p in cmd.params)]:
+            text = (text or "").replace("\b", "")  # click's no-rewrap mark, not text
+            assert render(text).plain == text.replace("\\[", "["), f"deit {name}: {where}"
+
+
+def test_an_error_on_a_terminal_prints_odd_paths_as_they_are(run_cli, monkeypatch, tmp_path):
+    from deit_cli.cli import output
+
+    monkeypatch.setattr(output, "_fancy", lambda: True)  # as on a terminal: rich, with colour markup
+    missing = tmp_path / "[" / "x]" / "[bold]m.safetensors"
+    rc, out, err = run_cli("convert", missing, tmp_path / "out.safetensors")
+    assert rc == 66 and out == ""
+    assert err.startswith("error: ") and "[/x]" in err and "[bold]m.safetensors" in err
+
+
 def test_usage_error_exit_code(run_cli):
     rc, out, err = run_cli("convert")
     assert rc == 2 and out == ""

@@ -126,3 +126,13 @@ def test_unknown_target_is_a_usage_error(tmp_path, timm_pth, run_cli):
     src, _ = timm_pth["deit_tiny_patch16_224"]
     rc, _, err = run_cli("convert", src, tmp_path / "x", "--to", "onnx")
     assert rc == 2 and "--to" in err
+
+
+def test_table_shows_odd_paths_as_they_are(tmp_path, timm_pth, run_cli):
+    # A path is text, not rich markup: "[/b]" would otherwise end a tag that was never opened.
+    src, _ = timm_pth["deit_tiny_patch16_224"]
+    dst = tmp_path / "[" / "b]" / "[bold]m.safetensors"
+    dst.parent.mkdir(parents=True)
+    rc, out, err = run_cli("convert", src, dst, "--format", "table")
+    assert rc == 0, err
+    assert "[/b]" in out and "[bold]m.safetensors" in out

@@ -168,7 +168,10 @@ def _write_tables(results: list, scores: str) -> None:
         for r in good:
             notes = [*r.notes, *([] if r.predictions else ["no label at or above the threshold"])]
             table = Table(
-                title=escape(r.path), title_justify="left", caption="; ".join(notes) or None, caption_justify="left"
+                title=escape(r.path),
+                title_justify="left",
+                caption=escape("; ".join(notes)) or None,
+                caption_justify="left",
             )
             table.add_column("#", justify="right")
             table.add_column("label")

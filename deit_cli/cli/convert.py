@@ -42,17 +42,19 @@ def convert(
     if fmt != "table":
         output.write_document(asdict(result), fmt)
         return
+    from rich.markup import escape
     from rich.panel import Panel
 
+    src_, dst_ = escape(str(result.source)), escape(str(result.destination))
     lines = [
-        f"[bold]{result.source}[/] ({result.layout_in}) → [bold]{result.destination}[/] ({result.to}, {result.dtype})",
+        f"[bold]{src_}[/] ({result.layout_in}) → [bold]{dst_}[/] ({result.to}, {result.dtype})",
         f"parameters: {result.params:,}   size: {result.bytes / 2**20:.1f} MiB",
         f"read back: max logit difference {result.max_abs_diff:.3g} ≤ tolerance {result.tolerance:.3g}",
     ]
     if result.to == "timm" and result.timm_name:
-        lines.append(f"timm: timm.create_model('{result.timm_name}', checkpoint_path='{result.destination}')")
+        lines.append(f"timm: timm.create_model('{result.timm_name}', checkpoint_path='{dst_}')")
     if result.hf_architecture:
-        lines.append(f"transformers: {result.hf_architecture}.from_pretrained('{result.destination}')")
+        lines.append(f"transformers: {result.hf_architecture}.from_pretrained('{dst_}')")
     output.stdout_console().print(Panel("\n".join(lines), title="converted", title_align="left"))
 
 

@@ -24,7 +24,8 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Registry name or alias (see `deit models`), hub repo id[@revision], model directory or checkpoint file.",
+        help="Registry name or alias (see `deit models`), hub repo id\\[@revision], model directory or "
+        "checkpoint file.",
         autocompletion=_complete_model,
     ),
 ]
@@ -37,7 +38,7 @@ BackendOpt = Annotated[
     typer.Option(
         "--backend",
         help="auto (torch), torch, or onnxruntime: the graph `deit export` writes, built once and cached, "
-        "checked on load (CPU, fp32; pip install 'deit-cli[onnx]').",
+        "checked on load (CPU, fp32; pip install 'deit-cli\\[onnx]').",
     ),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")]

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import EXIT_OK, EXIT_PARTIAL, InputNotFound, UsageError
 
@@ -51,12 +52,14 @@ def batch_size() -> int | None:
     return _batch_size
 
 
+# A message is text, never markup: a path like `photos/[b]/a.jpg` or an install hint like
+# `deit-cli[onnx]` prints as it is (and `[/x]` in a path would otherwise raise in rich).
 def error(message: str) -> None:
-    stderr.print(f"[bold red]error:[/] {message}", markup=True) if _fancy() else _plain("error: " + message)
+    stderr.print(f"[bold red]error:[/] {escape(message)}", markup=True) if _fancy() else _plain("error: " + message)
 
 
 def warn(message: str) -> None:
-    stderr.print(f"[yellow]warning:[/] {message}", markup=True) if _fancy() else _plain("warning: " + message)
+    stderr.print(f"[yellow]warning:[/] {escape(message)}", markup=True) if _fancy() else _plain("warning: " + message)
 
 
 def info(message: str) -> None:

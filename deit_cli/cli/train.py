@@ -227,7 +227,7 @@ def train(
         typer.Option(
             "--threshold",
             help="Multi-label: a label is predicted at or above this "
-            "score (validation F1/IoU; saved with the model).  [default: 0.5]",
+            "score (validation F1/IoU; saved with the model).  \\[default: 0.5]",
             show_default=False,
         ),
     ] = None,
@@ -282,7 +282,7 @@ def train(
         typer.Option(
             "--log-every",
             min=1,
-            help="Read the loss every N steps (each read waits for the device) [default: 1 on CPU, 20 on a GPU].",
+            help="Read the loss every N steps (each read waits for the device) \\[default: 1 on CPU, 20 on a GPU].",
             show_default=False,
         ),
     ] = None,
@@ -300,7 +300,7 @@ def train(
             "--report-to",
             help="Also report the loss and lr of each logged step and each epoch's metrics to: none, or "
             "tensorboard (event files in RUN_DIR/tensorboard; `tensorboard --logdir RUN_DIR`; needs "
-            "`pip install 'deit-cli[tensorboard]'`). With --resume: the run's, unless given.",
+            "`pip install 'deit-cli\\[tensorboard]'`). With --resume: the run's, unless given.",
         ),
     ] = ReportTo.none,
     json_: JsonOpt = False,
