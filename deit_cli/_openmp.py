@@ -10,6 +10,7 @@ thread pool lets the caller do the work itself: 64-127 ms); on the same machine 
 the two were within noise (19-20 ms). libgomp reads the setting once, when it is loaded,
 so it cannot be changed later in the process. A user's own GOMP_SPINCOUNT or
 OMP_WAIT_POLICY wins; DEIT_NO_OMP_TUNING=1 leaves libgomp's default.
+`benchmarks/spin_count.py` measures the trade-off on a machine (docs/bench.md).
 """
 
 from __future__ import annotations
