@@ -4,6 +4,7 @@ compares with it as a peer; without onnxruntime the flag is one line and `auto` 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -187,7 +188,8 @@ def test_help_shows_the_flag_without_importing_torch_or_onnxruntime():
     for command in ("classify", "bench", "serve"):
         probe = (
             f"import sys; from deit_cli.cli.app import main; rc = main(['{command}', '--help']); "
-            "print(sorted({'torch', 'onnx', 'onnxruntime'} & set(sys.modules)), file=sys.stderr); sys.exit(rc)"
+            "print(sorted({'torch', 'onnx', 'onnxruntime', 'openvino'} & set(sys.modules)), file=sys.stderr); "
+            "sys.exit(rc)"
         )
         p = subprocess.run(
             [sys.executable, "-c", probe],
@@ -208,12 +210,14 @@ def test_serve_auto_picks_a_backend_per_batch_size_with_the_same_answers(model_p
     plain = ServedModel(model, device="cpu", backend="torch")
     auto.warm_up(max_batch_size=4)
     plain.warm_up(max_batch_size=4)
-    assert set(auto.choice) == {1, 4} and set(auto.choice.values()) <= {"torch", "onnxruntime"}
+    assert set(auto.choice) == {1, 4} and set(auto.choice.values()) <= {"torch", *auto.others}
+    assert "onnxruntime" in auto.others  # and openvino, where installed
+    assert ("openvino" in auto.others) == (importlib.util.find_spec("openvino") is not None)
     assert plain.choice == {}
     S = model.config.image_size
     for n in (1, 3, 4):
         x = list(images(n, S, seed=n))
-        for name in ("torch", "onnxruntime"):  # whichever was measured faster, the answers agree
+        for name in ("torch", *auto.others):  # whichever was measured fastest, the answers agree
             auto.choice = dict.fromkeys(auto.choice, name)
             got = auto.probabilities(x)
             assert abs(got - plain.probabilities(x)).max() <= 1e-4

@@ -131,8 +131,8 @@ def bench(
     Warm-up is excluded, CUDA is timed with events, every row is the median of --reps
     repetitions (with min..max). With --compare, timm, transformers and onnxruntime (the graph
     `deit export` writes, cached) run the same weights interleaved with deit, and each row
-    shows deit's speed-up over it. --backend onnxruntime runs deit itself on that graph. A table on a
-    terminal; when piped, one JSON record per row as each is measured.
+    shows deit's speed-up over it. --backend onnxruntime or openvino runs deit itself on that
+    graph. A table on a terminal; when piped, one JSON record per row as each is measured.
     """
     from ..engine.bench import BenchSpec, parse_batches, parse_compare, run_bench
 

@@ -32,13 +32,14 @@ ModelOpt = Annotated[
 DEFAULT_MODEL_NAME = DEFAULT_MODEL
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute precision: fp32, bf16 or fp16.")]
-Backend = _enum("Backend", ("auto", "torch", "onnxruntime"))
+Backend = _enum("Backend", ("auto", "torch", "onnxruntime", "openvino"))
 BackendOpt = Annotated[
     Backend,
     typer.Option(
         "--backend",
-        help="auto (torch), torch, or onnxruntime: the graph `deit export` writes, built once and cached, "
-        "checked on load (CPU, fp32; pip install 'deit-cli\\[onnx]').",
+        help="auto (torch), torch, onnxruntime: the graph `deit export` writes, built once and cached, "
+        "checked on load (CPU, fp32; pip install 'deit-cli\\[onnx]'), or openvino: that graph compiled by "
+        "OpenVINO in fp32, checked on load (pip install 'deit-cli\\[openvino]').",
     ),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output.")]

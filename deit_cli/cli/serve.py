@@ -181,7 +181,9 @@ def serve(
             runner = served.runner
             path = runner.path
             if served.choice:  # --backend auto: what warm-up measured fastest, per batch size
-                path += " or onnxruntime, by batch size: " + ", ".join(f"{n}: {b}" for n, b in served.choice.items())
+                path += f" or {' or '.join(served.others)}, by batch size: " + ", ".join(
+                    f"{n}: {b}" for n, b in served.choice.items()
+                )
             output.info(
                 f"serving {net.source} as {settings.name!r} on {where} ({runner.device}, "
                 f"{str(runner.dtype).removeprefix('torch.')}, {path}; "

@@ -75,7 +75,7 @@ class BenchSpec:
     workers: int | None = None  # decode threads for end_to_end
     peak_tflops: float | None = None
     image_size: int | None = None
-    backend: str = "auto"  # deit's: auto, torch or onnxruntime (engine.runner.prepare)
+    backend: str = "auto"  # deit's: auto, torch, onnxruntime or openvino (engine.runner.prepare)
 
 
 @dataclass

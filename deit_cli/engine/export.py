@@ -367,17 +367,25 @@ def check_input(config) -> torch.Tensor:
 
 
 def check_session(
-    session, model: DeiT, x: torch.Tensor, spec: GraphSpec, tolerance: float | None = None, *, version: str = ""
+    session,
+    model: DeiT,
+    x: torch.Tensor,
+    spec: GraphSpec,
+    tolerance: float | None = None,
+    *,
+    version: str = "",
+    engine: str = "onnxruntime",
 ) -> tuple[float, float, float]:
     """(largest difference, tolerance, top-1 agreement) of an onnxruntime session of the graph
-    against our fp32 model on `x`, at each of CHECK_BATCHES. Raises CheckpointError when it
-    fails. `deit export` runs it before a file is kept; the onnxruntime backend on every load."""
+    (or anything with its `run(None, feeds)`: engine.ov's compiled graph) against our fp32
+    model on `x`, at each of CHECK_BATCHES. Raises CheckpointError when it fails. `deit
+    export` runs it before a file is kept; the onnxruntime and openvino backends on every load."""
     try:
         outs = [torch.from_numpy(session.run(None, {INPUT_NAME: x[:b].numpy()})[0]) for b in CHECK_BATCHES]
     except Exception as e:  # noqa: BLE001 - onnxruntime's errors have no common public base
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(
-            f"onnxruntime {version} cannot run the exported graph: {first[:300]}",
+            f"{engine} {version} cannot run the exported graph: {first[:300]}",
             "nothing written; try the default --opset",
         ) from None
     ref = _reference(model, x, spec)

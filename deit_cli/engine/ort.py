@@ -35,9 +35,24 @@ from ..errors import CheckpointError, UsageError
 from ..model import DeiT
 from .export import EXTRA, INPUT_NAME, GraphSpec, check_input, check_session, export_model
 
-__all__ = ["BACKENDS", "KEY_META", "OnnxRuntimeModel", "cache_dir", "check_backend", "graph_key", "stats"]
+__all__ = [
+    "BACKENDS",
+    "KEY_META",
+    "OnnxRuntimeModel",
+    "cache_dir",
+    "check_backend",
+    "graph_key",
+    "prepare_graph",
+    "stats",
+]
 
-BACKENDS = ("auto", "torch", "onnxruntime")
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
+# What each graph backend needs installed, and the extra that installs it.
+NEEDS = {
+    "onnxruntime": ("onnx", "onnxscript", "onnxruntime"),
+    "openvino": ("onnx", "onnxscript", "onnxruntime", "openvino"),
+}
+EXTRAS = {"onnxruntime": EXTRA, "openvino": "pip install 'deit-cli[openvino]'"}
 KEY_META = "deit.cache_key"  # metadata_props key holding the cache key the file was built for
 # How many graphs were exported and sessions loaded in this process (tests read it: a cached
 # graph is loaded, not exported again).
@@ -45,25 +60,27 @@ stats = {"exported": 0, "loaded": 0, "rebuilt": 0}
 
 
 def check_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    """ "torch" or "onnxruntime": what `backend` runs on this device and dtype.
+    """ "torch", "onnxruntime" or "openvino": what `backend` runs on this device and dtype.
 
     auto is torch (measured: at batch 32 torch's oneDNN path leads onnxruntime; at batch 1
-    they are within noise of each other on a 2-core CPU); onnxruntime runs fp32 on the CPU
-    and needs the onnx extra, else one UsageError line (exit 2) saying what to install."""
+    they are within noise of each other on a 2-core CPU, and a first one-image classify
+    would pay for the export). onnxruntime and openvino run the exported graph in fp32 on
+    the CPU and need their extra (openvino's includes onnx's: the graph is built and checked
+    the same way), else one UsageError line (exit 2) saying what to install."""
     backend = backend or "auto"
     if backend not in BACKENDS:
         raise UsageError(f"unknown --backend {backend!r}; use one of {', '.join(BACKENDS)}")
-    if backend != "onnxruntime":
+    if backend not in NEEDS:
         return "torch"
     if device.type != "cpu" or dtype != torch.float32:
         raise UsageError(
-            f"--backend onnxruntime runs fp32 on the CPU, not {dtype_name(dtype)} on {device.type}",
+            f"--backend {backend} runs fp32 on the CPU, not {dtype_name(dtype)} on {device.type}",
             "use --device cpu --dtype fp32, or --backend torch",
         )
-    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if not _importable(m)]
+    missing = [m for m in NEEDS[backend] if not _importable(m)]
     if missing:
-        raise UsageError(f"--backend onnxruntime needs {', '.join(missing)}, not installed here", EXTRA)
-    return "onnxruntime"
+        raise UsageError(f"--backend {backend} needs {', '.join(missing)}, not installed here", EXTRAS[backend])
+    return backend
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -139,6 +156,7 @@ class OnnxRuntimeModel:
         self.note = note or (lambda _m: None)
         self._digest: str | None = None
         self._sessions: dict[GraphSpec, object] = {}
+        self.paths: dict[GraphSpec, Path] = {}  # the checked graph file of each spec loaded
         self._lock = threading.Lock()
 
     def logits(self, x: torch.Tensor, head: str = "avg") -> torch.Tensor:
@@ -166,7 +184,7 @@ class OnnxRuntimeModel:
         if self._digest is None:
             self._digest = weights_digest(self.model)
         key = graph_key(self.model, spec, digest=self._digest)
-        path = cache_dir() / f"{key}.onnx"
+        path = self.paths[spec] = cache_dir() / f"{key}.onnx"
         if path.exists():
             session = self._open(path, key, spec)
             if session is not None:
@@ -215,18 +233,23 @@ class OnnxRuntimeModel:
         return session
 
 
-def prepare_onnxruntime(model: DeiT, device: torch.device, dtype: torch.dtype, *, note=None):
-    """A Runner (engine.runner) over onnxruntime: the logits graph of the default head is
-    built or read now (and checked), the others when first asked for."""
+def prepare_graph(model: DeiT, device: torch.device, dtype: torch.dtype, backend: str = "onnxruntime", *, note=None):
+    """A Runner (engine.runner) over onnxruntime or openvino (engine.ov): the logits graph of
+    the default head is built or read now (and checked), the others when first asked for."""
     from .classify import default_head
     from .runner import Runner
 
     if model.device.type != "cpu" or model.dtype != torch.float32:
         model = copy.deepcopy(model).to("cpu", torch.float32)  # the graph is built from fp32 on the CPU
-    ort_model = OnnxRuntimeModel(model, spinning=False, note=note)
+    if backend == "openvino":
+        from .ov import OpenVINOModel
+
+        ort_model = OpenVINOModel(model, note=note)
+    else:
+        ort_model = OnnxRuntimeModel(model, spinning=False, note=note)
     if model.config.num_classes > 0 and model.head is not None:
         head = default_head(model.config)
         ort_model.session(GraphSpec("logits", "cls" if model.head_dist is None else head, None, "fp32"))
     else:
         ort_model.session(GraphSpec("features", None, "tokens", "fp32"))
-    return Runner(model, device, dtype, "onnxruntime", ort_model.logits, ort_model.features)
+    return Runner(model, device, dtype, backend, ort_model.logits, ort_model.features)

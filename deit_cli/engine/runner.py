@@ -23,7 +23,8 @@ tests/test_accel.py):
 - compile=True: torch.compile (inductor; on CPU with weight freezing, on CUDA with its
   CUDA graphs). On CUDA the fastest path; on a 2-core CPU the oneDNN path beats it.
 - backend="onnxruntime": the graph `deit export` writes, cached on disk and checked on
-  every load (engine.ort; CPU, fp32).
+  every load (engine.ort; CPU, fp32). backend="openvino": that graph compiled by OpenVINO
+  in fp32 (engine.ov), checked on every load too.
 
 `prepare` never changes the model it is given.
 """
@@ -111,17 +112,19 @@ def prepare(
     `device` and `dtype` default to the model's own. fp32 paths match the plain fp32
     model to float rounding; bf16/fp16 paths keep weights in that precision (no autocast).
     `backend`: auto (default) or torch run the paths below; onnxruntime runs the graph
-    `deit export` writes, cached and checked on load (engine.ort; CPU, fp32, onnx extra).
+    `deit export` writes, cached and checked on load (engine.ort; CPU, fp32, onnx extra);
+    openvino compiles that graph with OpenVINO, checked again on load (engine.ov).
     """
     device = resolve_device(device) if device is not None else model.device
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = resolve_dtype(dtype) if dtype is not None else model.dtype
     if backend not in (None, "auto", "torch"):
-        from .ort import check_backend, prepare_onnxruntime
+        from .ort import check_backend, prepare_graph
 
-        if check_backend(backend, device, dtype) == "onnxruntime":
-            return prepare_onnxruntime(model, device, dtype)
+        which = check_backend(backend, device, dtype)
+        if which != "torch":
+            return prepare_graph(model, device, dtype, which)
     if device.type == "cpu" and dtype == torch.float16 and not _onednn_ok(dtype):
         warnings.warn("fp16 on this CPU is emulated and slow; bf16 or fp32 are faster here", stacklevel=2)
 

@@ -9,11 +9,11 @@
 The same decoder (`decode_bytes`), transform and runner as `deit classify`, so a served
 answer equals the command's for the same image. Nothing here knows about HTTP.
 
-`backend="auto"` on the CPU in fp32, with onnxruntime installed: warm-up times the torch
-runner and the onnxruntime one (engine.ort) at each batch size the server uses, and each
-batch of classifier scores runs on the one measured faster at its size (`self.choice`);
-both are checked against the reference model when they load, so either gives the same
-answer to 1e-4. Embeddings always run on torch.
+`backend="auto"` on the CPU in fp32, with onnxruntime (or openvino) installed: warm-up
+times the torch runner and the graph ones (engine.ort, engine.ov) at each batch size the
+server uses, and each batch of classifier scores runs on the one measured fastest at its
+size (`self.choice`); all are checked against the reference model when they load, so any
+gives the same answer to 1e-4. Embeddings always run on torch.
 """
 
 from __future__ import annotations
@@ -38,15 +38,20 @@ from .runner import prepare
 __all__ = ["ServedModel"]
 
 
-def _onnxruntime_can_run(runner) -> bool:
+def _graph_backends(runner) -> list[str]:
+    """The graph backends (engine.ort, engine.ov) that can run beside `runner` here: CPU,
+    fp32, and installed."""
     if runner.device.type != "cpu" or runner.dtype != torch.float32:
-        return False
-    from .ort import check_backend
+        return []
+    from .ort import NEEDS, check_backend
 
-    try:
-        return check_backend("onnxruntime", runner.device, runner.dtype) == "onnxruntime"
-    except UsageError:  # not installed: auto is torch
-        return False
+    usable = []
+    for backend in NEEDS:
+        try:
+            usable.append(check_backend(backend, runner.device, runner.dtype))
+        except UsageError:  # not installed: not a candidate
+            pass
+    return usable
 
 
 class ServedModel:
@@ -78,10 +83,13 @@ class ServedModel:
         self.max_pixels = max_pixels
         self.transform = eval_transform(model.preprocessing, crop_pct=options.crop_pct, resize_mode=options.resize_mode)
         self.runner = prepare(model, device=device, dtype=dtype, compile=compile, backend=backend)
-        # auto: onnxruntime joins as a candidate, per batch size, where it can run and is installed.
+        # auto: onnxruntime and openvino join as candidates, per batch size, where they can run
+        # and are installed.
         self.others: dict[str, object] = {}
         self.choice: dict[int, str] = {}  # batch size -> the backend warm-up measured fastest
-        self._auto = backend == "auto" and not compile and self.has_classifier and _onnxruntime_can_run(self.runner)
+        usable = _graph_backends(self.runner) if backend == "auto" and not compile and self.has_classifier else []
+        self._candidates = usable
+        self._auto = bool(usable)
         # Paths that specialise on the input shape (a CUDA graph or a compiled graph per batch
         # size) get batches padded up to a few sizes, fixed by warm_up: a server's batch
         # sizes vary with its load, and capturing or compiling one at request time costs more
@@ -172,9 +180,10 @@ class ServedModel:
             self._choose(sizes)
 
     def _choose(self, sizes) -> None:
-        """Time torch and onnxruntime at each size, interleaved; keep the faster per size."""
-        if "onnxruntime" not in self.others:
-            self.others["onnxruntime"] = prepare(self.model, device="cpu", dtype="fp32", backend="onnxruntime")
+        """Time torch and each graph backend at each size, interleaved; keep the fastest per size."""
+        for name in self._candidates:
+            if name not in self.others:
+                self.others[name] = prepare(self.model, device="cpu", dtype="fp32", backend=name)
         runners = {"torch": self.runner, **self.others}
         g = torch.Generator().manual_seed(0)
         for n in sizes:
