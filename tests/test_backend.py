@@ -1,6 +1,8 @@
 """`--backend onnxruntime`: the graph `deit export` writes, cached on disk and checked on
 every load, gives deit's answers; the cache is reused and never trusted blindly; bench
-compares with it as a peer; without onnxruntime the flag is one line and `auto` is torch."""
+compares with it as a peer; without onnxruntime the flag is one line and `auto` is torch.
+`--backend openvino`: the same graph compiled by OpenVINO in fp32 gives the same answers, a
+compiled graph that does not is an error (never a fallback), and serve's auto counts it."""
 
 from __future__ import annotations
 
@@ -33,9 +35,13 @@ def classify_json(run_cpu, model_path, colour_dir, *args):
     return [json.loads(line) for line in out.splitlines()]
 
 
-def test_classify_with_onnxruntime_equals_torch(run_cpu, model_path, colour_dir, cache):
+needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="needs openvino")
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", pytest.param("openvino", marks=needs_openvino)])
+def test_classify_with_a_graph_backend_equals_torch(run_cpu, model_path, colour_dir, cache, backend):
     torch_rows = classify_json(run_cpu, model_path, colour_dir, "--backend", "torch", "--top", "6")
-    ort_rows = classify_json(run_cpu, model_path, colour_dir, "--backend", "onnxruntime", "--top", "6")
+    ort_rows = classify_json(run_cpu, model_path, colour_dir, "--backend", backend, "--top", "6")
     assert len(torch_rows) == len(ort_rows) == len(list(colour_dir.iterdir()))
     for a, b in zip(torch_rows, ort_rows):
         assert a["path"] == b["path"]
@@ -43,7 +49,7 @@ def test_classify_with_onnxruntime_equals_torch(run_cpu, model_path, colour_dir,
         for p in a["predictions"]:
             assert got[p["index"]] == pytest.approx(p["score"], abs=1e-4)
         assert a["predictions"][0]["index"] == b["predictions"][0]["index"]
-    assert len(list(cache.glob("*.onnx"))) == 1  # built once, into the cache
+    assert len(list(cache.glob("*.onnx"))) == 1  # built once, into the cache (openvino compiles it)
 
 
 def test_runner_logits_and_features_equal_the_reference(model_path):
@@ -221,3 +227,77 @@ def test_serve_auto_picks_a_backend_per_batch_size_with_the_same_answers(model_p
             auto.choice = dict.fromkeys(auto.choice, name)
             got = auto.probabilities(x)
             assert abs(got - plain.probabilities(x)).max() <= 1e-4
+
+
+@needs_openvino
+def test_openvino_runner_computes_in_fp32_and_equals_the_reference(model_path):
+    from deit_cli.engine import ort
+    from deit_cli.engine.runner import prepare
+
+    model = deit_cli.load_model(str(model_path))
+    runner = prepare(model, device="cpu", backend="openvino")
+    assert runner.path == "openvino"
+    # OpenVINO's CPU default is bf16 where the CPU has it; the graph is compiled f32
+    assert runner._logits.__self__.precision == "<Type: 'float32'>"
+    S = model.config.image_size
+    for batch in (1, 5):  # the batch axis is dynamic: one graph for every size
+        x = images(batch, S, seed=batch)
+        with torch.no_grad():
+            want = model(x)
+            tokens = model.forward_features(x)
+        torch.testing.assert_close(runner(x), want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(runner.logits(x, "cls"), model.forward_head(tokens, "cls"), atol=1e-4, rtol=0)
+        torch.testing.assert_close(runner.features(x), tokens, atol=1e-4, rtol=0)
+    # a second load reads the cached graph: nothing is exported again
+    before = ort.stats["exported"]
+    prepare(model, device="cpu", backend="openvino")
+    assert ort.stats["exported"] == before
+
+
+@needs_openvino
+def test_an_openvino_graph_that_answers_differently_is_an_error(run_cpu, model_path, colour_dir, monkeypatch):
+    from deit_cli.engine import ov
+
+    def off_by_a_little(self, names, feeds, run=ov._Compiled.run):
+        return [out + 1e-2 for out in run(self, names, feeds)]
+
+    monkeypatch.setattr(ov._Compiled, "run", off_by_a_little)
+    rc, out, err = run_cpu("classify", colour_dir, "-m", model_path, "--backend", "openvino")
+    assert rc == 65 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "export check failed" in err
+
+
+@needs_openvino
+def test_bench_runs_deit_on_openvino_beside_onnxruntime(run_cli, model_path):
+    rc, out, err = run_cli(
+        "bench", "-m", model_path, "--device", "cpu", "--batch", "1", "--backend", "openvino",
+        "--compare", "onnxruntime", "--warmup", "1", "--iters", "2", "--reps", "2", "--json",
+    )  # fmt: skip
+    assert rc == 0, err
+    deit, peer = json.loads(out)
+    assert (deit["impl"], deit["path"]) == ("deit", "openvino")
+    assert peer["impl"] == "onnxruntime" and peer["max_abs_diff"] <= 1e-4 and peer["deit_speedup"] > 0
+
+
+def test_openvino_needs_the_cpu_and_fp32(run_cpu, model_path, colour_dir):
+    rc, out, err = run_cpu("classify", colour_dir, "-m", model_path, "--backend", "openvino", "--dtype", "bf16")
+    assert rc == 2 and out == "" and "--backend openvino runs fp32 on the CPU" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_without_openvino_the_flag_is_one_line(model_path, colour_dir):
+    code = (
+        "import sys; sys.modules['openvino'] = None\nfrom deit_cli.cli.app import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
+    args = ["classify", colour_dir, "-m", model_path, "--device", "cpu", "--backend", "openvino"]
+    p = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.strip().splitlines() == [
+        "error: --backend openvino needs openvino, not installed here (pip install 'deit-cli[openvino]')"
+    ]
