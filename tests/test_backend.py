@@ -52,12 +52,16 @@ def test_classify_with_a_graph_backend_equals_torch(run_cpu, model_path, colour_
     assert len(list(cache.glob("*.onnx"))) == 1  # built once, into the cache (openvino compiles it)
 
 
-def test_runner_logits_and_features_equal_the_reference(model_path):
+@pytest.mark.parametrize("backend", ["onnxruntime", pytest.param("openvino", marks=needs_openvino)])
+def test_runner_logits_and_features_equal_the_reference(model_path, backend):
+    from deit_cli.engine import ort
     from deit_cli.engine.runner import prepare
 
     model = deit_cli.load_model(str(model_path))
-    runner = prepare(model, device="cpu", backend="onnxruntime")
-    assert runner.path == "onnxruntime"
+    runner = prepare(model, device="cpu", backend=backend)
+    assert runner.path == backend
+    if backend == "openvino":  # OpenVINO's CPU default is bf16 where the CPU has it; compiled f32 here
+        assert runner._logits.__self__.precision == "<Type: 'float32'>"
     S = model.config.image_size
     for batch in (1, 5):  # the batch axis is dynamic: one graph for every size
         x = images(batch, S, seed=batch)
@@ -67,6 +71,9 @@ def test_runner_logits_and_features_equal_the_reference(model_path):
         torch.testing.assert_close(runner(x), want, atol=1e-4, rtol=0)
         torch.testing.assert_close(runner.logits(x, "cls"), model.forward_head(tokens, "cls"), atol=1e-4, rtol=0)
         torch.testing.assert_close(runner.features(x), tokens, atol=1e-4, rtol=0)
+    before = ort.stats["exported"]
+    prepare(model, device="cpu", backend=backend)  # a second load reads the cached graph
+    assert ort.stats["exported"] == before
 
 
 def test_the_cache_is_reused_not_rebuilt(model_path, cache):
@@ -227,31 +234,6 @@ def test_serve_auto_picks_a_backend_per_batch_size_with_the_same_answers(model_p
             auto.choice = dict.fromkeys(auto.choice, name)
             got = auto.probabilities(x)
             assert abs(got - plain.probabilities(x)).max() <= 1e-4
-
-
-@needs_openvino
-def test_openvino_runner_computes_in_fp32_and_equals_the_reference(model_path):
-    from deit_cli.engine import ort
-    from deit_cli.engine.runner import prepare
-
-    model = deit_cli.load_model(str(model_path))
-    runner = prepare(model, device="cpu", backend="openvino")
-    assert runner.path == "openvino"
-    # OpenVINO's CPU default is bf16 where the CPU has it; the graph is compiled f32
-    assert runner._logits.__self__.precision == "<Type: 'float32'>"
-    S = model.config.image_size
-    for batch in (1, 5):  # the batch axis is dynamic: one graph for every size
-        x = images(batch, S, seed=batch)
-        with torch.no_grad():
-            want = model(x)
-            tokens = model.forward_features(x)
-        torch.testing.assert_close(runner(x), want, atol=1e-4, rtol=0)
-        torch.testing.assert_close(runner.logits(x, "cls"), model.forward_head(tokens, "cls"), atol=1e-4, rtol=0)
-        torch.testing.assert_close(runner.features(x), tokens, atol=1e-4, rtol=0)
-    # a second load reads the cached graph: nothing is exported again
-    before = ort.stats["exported"]
-    prepare(model, device="cpu", backend="openvino")
-    assert ort.stats["exported"] == before
 
 
 @needs_openvino
