@@ -94,7 +94,7 @@ def classify(
 
     A multi-label model scores each class with a sigmoid and gives the classes whose score
     is at or above `threshold` (default: the model's), at most `top` of them; an image with
-    none over it gets an empty list. `backend`: auto, torch or onnxruntime (engine.runner.prepare)."""
+    none over it gets an empty list. `backend`: auto, torch, onnxruntime or openvino (engine.runner.prepare)."""
     cfg = model.config
     head = check_head(model, head, hint="use extract-features instead")
     if scores not in SCORES:

@@ -351,12 +351,15 @@ def _check(
     try:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime's errors have no common public base
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(
-            f"onnxruntime {ort.__version__} cannot run the exported graph: {first[:300]}",
-            "nothing written; try the default --opset",
-        ) from None
+        raise _cannot_run("onnxruntime", ort.__version__, e) from None
     return check_session(session, model, x, spec, tolerance, version=ort.__version__)
+
+
+def _cannot_run(engine: str, version: str, e: Exception) -> CheckpointError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return CheckpointError(
+        f"{engine} {version} cannot run the exported graph: {first[:300]}", "nothing written; try the default --opset"
+    )
 
 
 def check_input(config) -> torch.Tensor:
@@ -383,11 +386,7 @@ def check_session(
     try:
         outs = [torch.from_numpy(session.run(None, {INPUT_NAME: x[:b].numpy()})[0]) for b in CHECK_BATCHES]
     except Exception as e:  # noqa: BLE001 - onnxruntime's errors have no common public base
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(
-            f"{engine} {version} cannot run the exported graph: {first[:300]}",
-            "nothing written; try the default --opset",
-        ) from None
+        raise _cannot_run(engine, version, e) from None
     ref = _reference(model, x, spec)
     atol, rtol = TOLERANCES[resolve_dtype(spec.dtype)]
     finite = ref[ref.isfinite()]

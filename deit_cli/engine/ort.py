@@ -159,13 +159,19 @@ class OnnxRuntimeModel:
         self.paths: dict[GraphSpec, Path] = {}  # the checked graph file of each spec loaded
         self._lock = threading.Lock()
 
-    def logits(self, x: torch.Tensor, head: str = "avg") -> torch.Tensor:
+    FEATURES = GraphSpec("features", None, "tokens", "fp32")
+
+    def logits_spec(self, head: str = "avg") -> GraphSpec:
+        """The graph that computes `head`'s logits."""
         if self.model.head_dist is None and head == "avg":
             head = "cls"  # the class head serves every head there (DeiT.forward_head): one graph
-        return self._run(GraphSpec("logits", head, None, "fp32"), x)
+        return GraphSpec("logits", head, None, "fp32")
+
+    def logits(self, x: torch.Tensor, head: str = "avg") -> torch.Tensor:
+        return self._run(self.logits_spec(head), x)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(GraphSpec("features", None, "tokens", "fp32"), x)
+        return self._run(self.FEATURES, x)
 
     def _run(self, spec: GraphSpec, x: torch.Tensor) -> torch.Tensor:
         session = self._sessions.get(spec) or self.session(spec)
@@ -239,8 +245,7 @@ def prepare_graph(model: DeiT, device: torch.device, dtype: torch.dtype, backend
     from .classify import default_head
     from .runner import Runner
 
-    if model.device.type != "cpu" or model.dtype != torch.float32:
-        model = copy.deepcopy(model).to("cpu", torch.float32)  # the graph is built from fp32 on the CPU
+    model = cpu_fp32(model)
     if backend == "openvino":
         from .ov import OpenVINOModel
 
@@ -248,8 +253,14 @@ def prepare_graph(model: DeiT, device: torch.device, dtype: torch.dtype, backend
     else:
         ort_model = OnnxRuntimeModel(model, spinning=False, note=note)
     if model.config.num_classes > 0 and model.head is not None:
-        head = default_head(model.config)
-        ort_model.session(GraphSpec("logits", "cls" if model.head_dist is None else head, None, "fp32"))
+        ort_model.session(ort_model.logits_spec(default_head(model.config)))
     else:
-        ort_model.session(GraphSpec("features", None, "tokens", "fp32"))
+        ort_model.session(ort_model.FEATURES)
     return Runner(model, device, dtype, backend, ort_model.logits, ort_model.features)
+
+
+def cpu_fp32(model: DeiT) -> DeiT:
+    """The model itself when it is fp32 on the CPU, else such a copy: graphs are built from it."""
+    if model.device.type == "cpu" and model.dtype == torch.float32:
+        return model
+    return copy.deepcopy(model).to("cpu", torch.float32)

@@ -8,7 +8,6 @@ Only `bench --compare` imports them, at run time, when they are installed.
 
 from __future__ import annotations
 
-import copy
 import importlib
 import os
 from contextlib import nullcontext
@@ -72,10 +71,9 @@ def build_peer(name: str, model: DeiT) -> torch.nn.Module:
             check_backend("onnxruntime", torch.device("cpu"), torch.float32)
         except UsageError:
             raise ImportError(name) from None
-        from .ort import OnnxRuntimeModel
+        from .ort import OnnxRuntimeModel, cpu_fp32
 
-        cpu32 = model if model.device.type == "cpu" and model.dtype == torch.float32 else None
-        return OnnxRuntimeModel(cpu32 or copy.deepcopy(model).to("cpu", torch.float32))
+        return OnnxRuntimeModel(cpu_fp32(model))
     mod = _import_peer(name)
     if mod is None:
         raise ImportError(name)
@@ -134,11 +132,8 @@ def peer_fn(name: str, net: torch.nn.Module, device: torch.device, dtype: torch.
     if name == "onnxruntime":
         if device.type != "cpu" or dtype != torch.float32 or compile:
             raise UsageError("onnxruntime runs deit's fp32 graph on the CPU only (no --compile)")
-        from .export import GraphSpec
-
-        head = "cls" if net.model.head_dist is None else "avg"
-        net.session(GraphSpec("logits", head, None, "fp32"))  # exported or read now, not in the timing
-        return (lambda x: net.logits(x, head)), "fp32 graph (deit export)"
+        net.session(net.logits_spec())  # exported or read now, not in the timing
+        return net.logits, "fp32 graph (deit export)"
     net = net.to(device)
     graphs = compile and device.type == "cuda"
     if compile:

@@ -87,9 +87,8 @@ class ServedModel:
         # and are installed.
         self.others: dict[str, object] = {}
         self.choice: dict[int, str] = {}  # batch size -> the backend warm-up measured fastest
-        usable = _graph_backends(self.runner) if backend == "auto" and not compile and self.has_classifier else []
-        self._candidates = usable
-        self._auto = bool(usable)
+        auto = backend == "auto" and not compile and self.has_classifier
+        self._candidates = _graph_backends(self.runner) if auto else []
         # Paths that specialise on the input shape (a CUDA graph or a compiled graph per batch
         # size) get batches padded up to a few sizes, fixed by warm_up: a server's batch
         # sizes vary with its load, and capturing or compiling one at request time costs more
@@ -176,7 +175,7 @@ class ServedModel:
                 self.probabilities(x)
             else:
                 self.embeddings(x, ["token"] * n, [False] * n)
-        if self._auto:
+        if self._candidates:
             self._choose(sizes)
 
     def _choose(self, sizes) -> None:
